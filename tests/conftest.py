@@ -1,0 +1,17 @@
+"""Shared test set-up: offline hub, deterministic torch, small thread count for 2-core CI."""
+
+import os
+
+from shiq_lab.notebook_support import OFFLINE_ENV
+
+for _k, _v in OFFLINE_ENV.items():
+    os.environ[_k] = _v
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
