@@ -51,6 +51,11 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+def _scalar(t: torch.Tensor) -> float:
+    """A metric as a float; detached so that a graph-carrying loss does not warn."""
+    return float(t.detach())
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -260,7 +265,7 @@ def naive_q_loss(
     delta = q_taken - rewards.to(dt) - _bootstrap_next(v, bmask)
     delta = torch.where(bmask, delta, torch.zeros((), dtype=dt, device=l.device))
     loss = _mean_sq(delta, bmask)
-    return LossOutput(loss, delta, {"loss": float(loss), "residual_abs_mean": float(delta.abs().sum() / bmask.sum())})
+    return LossOutput(loss, delta, {"loss": _scalar(loss), "residual_abs_mean": _scalar(delta.abs().sum() / bmask.sum())})
 
 
 def scoring_loss(
@@ -285,7 +290,7 @@ def scoring_loss(
     delta = beta * (g_taken - ref_logp - _bootstrap_next(logz.detach(), bmask)) - rewards
     delta = torch.where(bmask, delta, torch.zeros((), dtype=dt, device=logp.device))
     loss = _mean_sq(delta, bmask)
-    return LossOutput(loss, delta, {"loss": float(loss), "residual_abs_mean": float(delta.abs().sum() / bmask.sum())})
+    return LossOutput(loss, delta, {"loss": _scalar(loss), "residual_abs_mean": _scalar(delta.abs().sum() / bmask.sum())})
 
 
 def sequence_logratio(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -325,12 +330,15 @@ def dpo_loss(
     Residual per sequence: its implied reward ``beta*logratio``.
     """
     bmask = _check(beta, mask, logp=logp, ref_logp=ref_logp)
-    _check_pairs(torch.stack([chosen, rejected]) if chosen.numel() else chosen, mask.shape[0], "chosen/rejected")
+    if chosen.dim() != 1 or chosen.shape != rejected.shape:
+        raise ValueError(f"chosen {tuple(chosen.shape)} and rejected {tuple(rejected.shape)} must be 1-D row indices "
+                         "of the same length (pair i is chosen[i] vs rejected[i])")
+    _check_pairs(torch.stack([chosen, rejected]), mask.shape[0], "chosen/rejected")
     lr = sequence_logratio(logp, ref_logp, mask)
     margin = beta * (lr[chosen] - lr[rejected])
     loss = -torch.nn.functional.logsigmoid(margin).mean()
-    metrics = {"loss": float(loss), "margin_mean": float(margin.mean()), "accuracy": float((margin > 0).float().mean()),
-               "logratio_seq_mean": float(lr.mean())}
+    metrics = {"loss": _scalar(loss), "margin_mean": _scalar(margin.mean()), "accuracy": _scalar((margin > 0).float().mean()),
+               "logratio_seq_mean": _scalar(lr.mean())}
     return LossOutput(loss, _on_last_token(beta * lr, bmask), metrics)
 
 
@@ -356,8 +364,8 @@ def dro_loss(
     lr = sequence_logratio(logp, ref_logp, mask)
     resid = ret - values.to(dt) - beta * lr
     loss = 0.5 * resid.square().mean()
-    metrics = {"loss": float(loss), "residual_abs_mean": float(resid.abs().mean()), "logratio_seq_mean": float(lr.mean()),
-               "value_mean": float(values.mean())}
+    metrics = {"loss": _scalar(loss), "residual_abs_mean": _scalar(resid.abs().mean()), "logratio_seq_mean": _scalar(lr.mean()),
+               "value_mean": _scalar(values.mean())}
     return LossOutput(loss, _on_last_token(resid, bmask), metrics)
 
 
@@ -385,5 +393,5 @@ def copg_loss(
     own = ret - beta * lr
     diff = own[pairs[:, 0]] - own[pairs[:, 1]]
     loss = diff.square().mean()
-    metrics = {"loss": float(loss), "pair_residual_abs_mean": float(diff.abs().mean()), "logratio_seq_mean": float(lr.mean())}
+    metrics = {"loss": _scalar(loss), "pair_residual_abs_mean": _scalar(diff.abs().mean()), "logratio_seq_mean": _scalar(lr.mean())}
     return LossOutput(loss, _on_last_token(own, bmask), metrics)

@@ -15,7 +15,7 @@ import torch
 from .losses import LossOutput, naive_q_loss, scoring_loss, shiq_loss, token_logprobs
 from .token_tree import OfflineDataset, TokenTree, mean_state_kl, regularised_return, solve, tabular_logits
 
-__all__ = ["TOKEN_LOSSES", "token_loss", "implied_policy", "FitResult", "fit_tabular"]
+__all__ = ["TOKEN_LOSSES", "token_loss", "loss_gradient", "implied_policy", "FitResult", "fit_tabular"]
 
 #: token-level losses a tabular policy can be fitted with: name -> (description)
 TOKEN_LOSSES = {
@@ -49,6 +49,25 @@ def token_loss(
         return scoring_loss(logp, logz, ref_logp, data.rewards, data.mask, beta=beta)
     h = {"shiq": None, "shiq_1step": 1, "shiq_nstep": horizon or 2}[name]
     return shiq_loss(logp, logz, ref_logp, ref_logz, data.rewards, data.mask, beta=beta, horizon=h)
+
+
+def loss_gradient(
+    name: str,
+    theta: torch.Tensor,
+    tree: TokenTree,
+    data: OfflineDataset,
+    *,
+    beta: float,
+    horizon: int | None = None,
+) -> torch.Tensor:
+    """[N, V] gradient of the loss ``name`` with respect to tabular logits ``theta``.
+
+    Shows which logits a loss moves at all: e.g. at initialisation with a terminal reward, the
+    one-step loss moves only the logits of episode-ending tokens, the full path every visited one.
+    """
+    theta = theta.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(token_loss(name, theta, tree, data, beta=beta, horizon=horizon).loss, theta)
+    return grad
 
 
 def implied_policy(name: str, theta: torch.Tensor, tree: TokenTree, beta: float) -> torch.Tensor:
@@ -133,4 +152,4 @@ def fit_tabular(
 def _adam_step(opt: torch.optim.Optimizer, closure: Callable[[], torch.Tensor]) -> float:
     value = closure()
     opt.step()
-    return float(value)
+    return float(value.detach())

@@ -31,6 +31,10 @@ __all__ = [
     "sample_dataset",
     "tabular_logits",
     "uniform_log_probs",
+    "enumerate_paths",
+    "concat_datasets",
+    "visited_pairs",
+    "coverage",
 ]
 
 
@@ -377,3 +381,64 @@ def tabular_logits(theta: torch.Tensor, dataset: OfflineDataset) -> torch.Tensor
 def uniform_log_probs(tree: TokenTree) -> torch.Tensor:
     """[N, V] log-probs of the uniform behaviour policy."""
     return torch.full(tree.ref_logits.shape, -math.log(tree.vocab_size), dtype=tree.ref_logits.dtype)
+
+
+def enumerate_paths(tree: TokenTree) -> OfflineDataset:
+    """Every complete response of every prompt, once, in the :class:`OfflineDataset` layout.
+
+    In environment states only the environment's token is followed. Exact checks ("the residual
+    vanishes on *every* path") and covering datasets (every (state, action) pair visited) use it.
+    """
+    paths: list[tuple[int, list[int], list[int]]] = []  # (prompt, states, actions)
+    stack = [(p, [int(r)], []) for p, r in enumerate(tree.roots.tolist())]
+    while stack:
+        p, states, actions = stack.pop()
+        s = states[-1]
+        env = int(tree.env_action[s])
+        for a in ([env] if env >= 0 else range(tree.vocab_size)):
+            nxt = int(tree.next_state[s, a])
+            if nxt < 0:
+                paths.append((p, states, actions + [a]))
+            else:
+                stack.append((p, states + [nxt], actions + [a]))
+    paths.sort(key=lambda path: (path[0], path[2]))
+    B, T = len(paths), tree.horizon
+    states = torch.full((B, T), -1, dtype=torch.long)
+    actions = torch.zeros((B, T), dtype=torch.long)
+    lengths = torch.tensor([len(a) for _, _, a in paths], dtype=torch.long)
+    for b, (_, st, ac) in enumerate(paths):
+        states[b, : len(st)] = torch.tensor(st)
+        actions[b, : len(ac)] = torch.tensor(ac)
+    on_path = states >= 0
+    rewards = torch.where(on_path, tree.rewards[states.clamp(min=0), actions], 0.0)
+    mask = (on_path & tree.policy_states[states.clamp(min=0)]).to(tree.rewards.dtype)
+    prompts = torch.tensor([p for p, _, _ in paths], dtype=torch.long)
+    return OfflineDataset(states, actions, rewards, mask, prompts, lengths)
+
+
+def concat_datasets(*datasets: OfflineDataset) -> OfflineDataset:
+    """Stack datasets of the same tree (e.g. off-policy samples topped up with :func:`enumerate_paths`)."""
+    if not datasets:
+        raise ValueError("concat_datasets needs at least one dataset")
+    widths = {d.actions.shape[1] for d in datasets}
+    if len(widths) > 1:
+        raise ValueError(f"datasets have different widths T={sorted(widths)}: they must come from the same tree")
+    fields = ("states", "actions", "rewards", "mask", "prompts", "lengths")
+    return OfflineDataset(*(torch.cat([getattr(d, f) for d in datasets]) for f in fields))
+
+
+def visited_pairs(tree: TokenTree, data: OfflineDataset) -> torch.Tensor:
+    """[N, V] bool: which (state, action) pairs the dataset holds on a response (mask 1) token."""
+    seen = torch.zeros(tree.ref_logits.shape, dtype=torch.bool)
+    on = data.mask.bool()
+    seen[data.states[on], data.actions[on]] = True
+    return seen
+
+
+def coverage(tree: TokenTree, data: OfflineDataset) -> float:
+    """Fraction of the policy's (state, action) pairs the dataset visits.
+
+    The losses only constrain the logits of visited pairs: the fitted policy equals pi* in every
+    policy state only when this is 1.
+    """
+    return float(visited_pairs(tree, data)[tree.policy_states].double().mean())

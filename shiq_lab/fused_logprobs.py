@@ -1,0 +1,309 @@
+"""Per-token log-probabilities straight from hidden states and the output layer, without [B, T, V] logits.
+
+Every token-level loss in :mod:`shiq_lab.losses` consumes only two numbers per token: the log-prob
+of the taken action ``logp`` and the log-partition ``logz`` (``token_logprobs``). Their gradient
+with respect to the logits is cross-entropy-shaped (METHOD.md, tensor form)::
+
+    d/dl_t [gp_t * logp_t + gz_t * logz_t] = gp_t * onehot(a_t) + (gz_t - gp_t) * softmax(l_t)
+
+so :func:`chunked_token_logprobs` computes ``(logp, logz)`` tile by tile over tokens and vocabulary
+(online logsumexp) and, in the backward pass, recomputes each tile's logits to form that gradient and
+multiply it into the hidden states and the weight. The largest temporary is one tile, never a
+``[B, T, V]`` tensor. Composed with ``shiq_loss`` (or the DPO / DRO / CoPG losses, through
+``logp``), autograd gives exactly the closed form ``2*beta*[S_t*onehot - (S_t - delta_t)*softmax]``.
+
+Two strategies, picked automatically:
+
+- ``recompute`` (the output layer is trained): the forward pass keeps only ``logz``; the backward
+  pass recomputes the logits. Four matmuls of size N*V*H in all, against three for plain
+  cross-entropy, and no [N, V] tensor.
+- ``precompute`` (frozen output layer, e.g. LoRA elsewhere): the forward pass also accumulates
+  ``E_softmax[W]`` per token ([N, H], flash-attention-style rescaling), so the backward pass is
+  ``gp*W[a] + (gz - gp)*E_softmax[W]`` with no matmul: two matmuls, as many as cross-entropy.
+
+Plain PyTorch ops only, so it runs unchanged on CPU and CUDA. No logit soft-capping or scaling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["chunked_token_logprobs", "default_tile", "TILE_ELEMENTS"]
+
+# Elements of one fp32 logits tile. On CPU, about 8 MB keeps a tile near the caches and the
+# matmuls efficient (measured in benchmarks/bench_loss_kernel.py); GPUs want bigger tiles.
+TILE_ELEMENTS = {"cpu": 2**21, "cuda": 2**25}
+_MIN_VOCAB_CHUNK = 256
+_MAX_TOKEN_CHUNK = 4096
+
+
+def default_tile(n_tokens: int, vocab: int, device: torch.device | str = "cpu") -> tuple[int, int]:
+    """``(chunk_size, vocab_chunk_size)`` used when they are not given: tokens first, then vocab.
+
+    A tile holds up to ``TILE_ELEMENTS[device]`` logits: all tokens (up to 4096) and as many
+    vocabulary entries as fit, rounded to a multiple of 256.
+    """
+    budget = TILE_ELEMENTS.get(torch.device(device).type, TILE_ELEMENTS["cuda"])
+    n = max(1, min(n_tokens, _MAX_TOKEN_CHUNK))
+    v = max(_MIN_VOCAB_CHUNK, (budget // n) // _MIN_VOCAB_CHUNK * _MIN_VOCAB_CHUNK)
+    return n, min(v, vocab)
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _ranges(total: int, step: int) -> list[tuple[int, int]]:
+    return [(s, min(total, s + step)) for s in range(0, total, step)]
+
+
+class _Tiler:
+    """Computes logits tiles ``hidden[n0:n1] @ weight[v0:v1].T (+ bias)`` into one reused buffer."""
+
+    def __init__(self, hidden, weight, bias, actions, chunk_size, vocab_chunk_size, cdt):
+        self.hidden, self.weight, self.bias, self.actions, self.cdt = hidden, weight, bias, actions, cdt
+        self.rows = _ranges(hidden.shape[0], chunk_size)
+        self.cols = _ranges(weight.shape[0], vocab_chunk_size)
+        self.buf = torch.empty(min(chunk_size, hidden.shape[0]) * min(vocab_chunk_size, weight.shape[0]),
+                               dtype=cdt, device=hidden.device)
+        # rows whose action falls in each vocabulary chunk, found once
+        chunk_of = torch.div(actions, vocab_chunk_size, rounding_mode="floor")
+        self.hits = [torch.nonzero(chunk_of == k).flatten() for k in range(len(self.cols))]
+
+    def logits(self, n0: int, n1: int, v0: int, v1: int) -> torch.Tensor:
+        tile = self.buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+        h, w = self.hidden[n0:n1], self.weight[v0:v1]
+        if h.dtype == self.cdt:
+            torch.mm(h, w.t(), out=tile)
+        else:  # low-precision matmul, as ``hidden @ weight.T`` would do, then fp32 for the softmax
+            tile.copy_(h @ w.t())
+        if self.bias is not None:
+            tile.add_(self.bias[v0:v1].to(self.cdt))
+        return tile
+
+    def probs(self, n0: int, n1: int, v0: int, v1: int, logz: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The softmax tile ``exp(l - logz)``; the shift by ``-logz`` (and the bias) rides on the matmul."""
+        tile = self.buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+        shift = -logz[:, None] if bias is None else bias[None, :] - logz[:, None]
+        h, w = self.hidden[n0:n1], self.weight[v0:v1]
+        if h.dtype == self.cdt:
+            torch.addmm(shift.expand(n1 - n0, v1 - v0), h, w.t(), out=tile)
+        else:
+            torch.add(h @ w.t(), shift, out=tile)
+        return tile.exp_()
+
+    def hits_in(self, k: int, n0: int, n1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row offsets within the tile, column offsets) of the actions inside tile (rows n0:n1, chunk k)."""
+        rows = self.hits[k]
+        if n0 > 0 or n1 < self.hidden.shape[0]:
+            rows = rows[(rows >= n0) & (rows < n1)]
+        return rows - n0, self.actions[rows] - self.cols[k][0]
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, actions, chunk_size, vocab_chunk_size, precompute):
+        cdt = _compute_dtype(hidden)
+        n = hidden.shape[0]
+        tiler = _Tiler(hidden, weight, bias, actions, chunk_size, vocab_chunk_size, cdt)
+        logz = torch.empty(n, dtype=cdt, device=hidden.device)
+        chosen = torch.empty(n, dtype=cdt, device=hidden.device)
+        expected_w = torch.zeros(n, hidden.shape[1], dtype=cdt, device=hidden.device) if precompute else None
+        for n0, n1 in tiler.rows:
+            # online logsumexp: running max m and running sum s of exp(l - m)
+            m = torch.full((n1 - n0,), -torch.inf, dtype=cdt, device=hidden.device)
+            s = torch.zeros(n1 - n0, dtype=cdt, device=hidden.device)
+            for k, (v0, v1) in enumerate(tiler.cols):
+                tile = tiler.logits(n0, n1, v0, v1)
+                r, c = tiler.hits_in(k, n0, n1)
+                chosen[n0 + r] = tile[r, c]
+                m_new = torch.maximum(m, tile.amax(1))
+                scale = torch.exp(m - m_new)  # 0 on the first chunk (m = -inf)
+                tile.sub_(m_new[:, None]).exp_()
+                s = s * scale + tile.sum(1)
+                if precompute:  # running sum_v exp(l_v - m) * W_v, rescaled like s
+                    acc = expected_w[n0:n1]
+                    acc.mul_(scale[:, None])
+                    w = weight[v0:v1]
+                    if w.dtype == cdt:
+                        acc.addmm_(tile, w)
+                    else:
+                        acc.add_(tile.to(w.dtype) @ w)
+                m = m_new
+            logz[n0:n1] = m + torch.log(s)
+            if precompute:
+                expected_w[n0:n1].div_(s[:, None])
+        ctx.chunks = (chunk_size, vocab_chunk_size)
+        ctx.precompute = precompute
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(hidden, weight, bias, actions, logz, expected_w)
+        return chosen - logz, logz
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logp, grad_logz):
+        hidden, weight, bias, actions, logz, expected_w = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        cdt = logz.dtype
+        gp = grad_logp.to(cdt)
+        coef = grad_logz.to(cdt) - gp  # weight of softmax(l_t) in d/dl_t
+        g_hidden = g_weight = g_bias = None
+
+        if ctx.precompute:
+            if need_w or need_b:
+                raise RuntimeError("chunked_token_logprobs: precompute strategy used while the weight needs a gradient")
+            if need_h:
+                g = coef[:, None] * expected_w + gp[:, None] * weight[actions].to(cdt)
+                g_hidden = g.to(hidden.dtype)
+            return g_hidden, None, None, None, None, None, None
+
+        chunk_size, vocab_chunk_size = ctx.chunks
+        tiler = _Tiler(hidden, weight, None, actions, chunk_size, vocab_chunk_size, cdt)
+        n, h_dim = hidden.shape
+        # d/dl_t = coef_t * softmax(l_t) + gp_t * onehot(a_t). The one-hot part is a gather /
+        # index_add of N rows; the softmax part needs the tiles, and its per-row factor coef_t is
+        # moved out of them: into the hidden rows for the weight gradient (P^T @ (coef*h)) and
+        # onto the result rows for the hidden gradient (coef * (P @ W)). A tile then only needs
+        # P = exp(l - logz), one pass after the matmul.
+        h_scaled = (coef[:, None] * hidden.to(cdt)).to(hidden.dtype) if need_w else None
+        if need_h:
+            soft_w = torch.zeros(n, h_dim, dtype=cdt, device=hidden.device)  # sum_v P_tv W_v
+        if need_w:
+            g_weight = torch.empty_like(weight)
+        if need_b:
+            g_bias = torch.empty(weight.shape[0], dtype=cdt, device=hidden.device)
+        one_row_block = len(tiler.rows) == 1
+        # vocabulary outer, tokens inner: each weight chunk's gradient is complete after the inner
+        # loop, so only a [vocab_chunk, H] accumulator is needed, never a [V, H] one in fp32
+        for v0, v1 in tiler.cols:
+            w = weight[v0:v1]
+            b_shift = bias[v0:v1].to(cdt) if bias is not None else None
+            gw_acc = None
+            if need_w and not one_row_block:
+                gw_acc = g_weight[v0:v1] if weight.dtype == cdt else torch.zeros(v1 - v0, h_dim, dtype=cdt, device=hidden.device)
+            for i, (n0, n1) in enumerate(tiler.rows):
+                tile = tiler.probs(n0, n1, v0, v1, logz[n0:n1], b_shift)
+                g = tile if w.dtype == cdt else tile.to(w.dtype)
+                if need_h:
+                    if w.dtype == cdt:
+                        soft_w[n0:n1].addmm_(g, w)
+                    else:
+                        soft_w[n0:n1] += g @ w
+                if need_w:
+                    hs = h_scaled[n0:n1]
+                    if one_row_block:
+                        torch.mm(g.t(), hs, out=g_weight[v0:v1])
+                    elif w.dtype == cdt:
+                        gw_acc.addmm_(g.t(), hs, beta=0.0 if i == 0 else 1.0)
+                    else:
+                        gw_acc += g.t() @ hs
+                if need_b:
+                    part = tile.t().mv(coef[n0:n1])
+                    g_bias[v0:v1] = part if i == 0 else g_bias[v0:v1] + part
+            if need_w and not one_row_block and weight.dtype != cdt:
+                g_weight[v0:v1] = gw_acc
+        if need_h:
+            g_hidden = (coef[:, None] * soft_w + gp[:, None] * weight[actions].to(cdt)).to(hidden.dtype)
+        if need_w:
+            g_weight.index_add_(0, actions, (gp[:, None] * hidden.to(cdt)).to(weight.dtype))
+        if need_b:
+            g_bias = g_bias.index_add_(0, actions, gp).to(bias.dtype)
+        return g_hidden, g_weight, g_bias, None, None, None, None
+
+
+def _positive_int(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name}={value!r}: must be a positive int (or None for the default tile)")
+
+
+def chunked_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    actions: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    vocab_chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs(hidden @ weight.T + bias, actions)`` without ever holding the [B, T, V] logits.
+
+    Args:
+        hidden: [B, T, H] (or [N, H]) final hidden states, ``hidden[:, t]`` being the state before
+            action t (already shifted, as for :func:`shiq_lab.losses.token_logprobs`).
+        weight: [V, H] output layer (``lm_head.weight``), same dtype and device as ``hidden``.
+        actions: [B, T] (or [N]) long token ids.
+        bias: optional [V] output bias.
+        mask: optional [B, T] (or [N]) 0/1 or bool. Positions with 0 are not computed at all (no
+            matmul): their outputs are 0, they get no gradient, and their actions are never read,
+            so padding may hold any id (e.g. -100). Without it every action must be a valid id.
+        chunk_size, vocab_chunk_size: tile shape (tokens x vocabulary); the default
+            (:func:`default_tile`) keeps a tile near 8 MB on CPU. Results do not depend on them
+            beyond floating-point summation order.
+
+    Returns:
+        ``(logp, logz)``, shaped like ``actions``, fp32 (fp64 for fp64 inputs): log pi(a_t|s_t)
+        and logsumexp_a l(s_t, a). Differentiable with respect to ``hidden``, ``weight`` and
+        ``bias`` (first order).
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be the [V, H] output layer, got shape {tuple(weight.shape)}")
+    vocab, h_dim = weight.shape
+    if hidden.dim() not in (2, 3) or hidden.shape[-1] != h_dim:
+        raise ValueError(f"hidden must be [B, T, H] or [N, H] with H={h_dim} (weight's second dim), got shape {tuple(hidden.shape)}")
+    if actions.shape != hidden.shape[:-1]:
+        raise ValueError(f"actions shape {tuple(actions.shape)} must equal hidden's leading dims {tuple(hidden.shape[:-1])}")
+    if actions.dtype != torch.long:
+        raise TypeError(f"actions must be torch.long token ids, got {actions.dtype}")
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share one float dtype: cast one of them")
+    if hidden.device != weight.device or actions.device != hidden.device:
+        raise ValueError(f"hidden ({hidden.device}), weight ({weight.device}) and actions ({actions.device}) must be on one device")
+    if bias is not None and (bias.shape != (vocab,) or bias.device != weight.device):
+        raise ValueError(f"bias must be [V]=({vocab},) on {weight.device}, got shape {tuple(bias.shape)} on {bias.device}")
+    _positive_int("chunk_size", chunk_size)
+    _positive_int("vocab_chunk_size", vocab_chunk_size)
+
+    out_shape = actions.shape
+    flat_h = hidden.reshape(-1, h_dim)
+    flat_a = actions.reshape(-1)
+    keep = None
+    if mask is not None:
+        if mask.shape != out_shape:
+            raise ValueError(f"mask shape {tuple(mask.shape)} must equal actions shape {tuple(out_shape)}")
+        if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
+            raise ValueError("mask must hold only 0 and 1 (1 on positions to compute)")
+        keep = mask.reshape(-1).bool().to(hidden.device)
+        if bool(keep.all()):
+            keep = None
+        else:
+            flat_h, flat_a = flat_h[keep], flat_a[keep]
+    if flat_a.numel() and (int(flat_a.min()) < 0 or int(flat_a.max()) >= vocab):
+        bad = int(flat_a.min()) if int(flat_a.min()) < 0 else int(flat_a.max())
+        raise ValueError(
+            f"actions hold {bad}, not a token id in [0, {vocab}): pass mask= (0 on padding) so those positions are skipped"
+        )
+
+    cdt = _compute_dtype(hidden)
+    n = flat_h.shape[0]
+    if n == 0:
+        zeros = torch.zeros(out_shape, dtype=cdt, device=hidden.device)
+        # keep the graph connected so .backward() gives zero gradients instead of failing
+        tie = hidden.sum() * 0 + weight.sum() * 0 + (bias.sum() * 0 if bias is not None else 0)
+        return zeros + tie.to(cdt), zeros + tie.to(cdt)
+    d_tok, d_voc = default_tile(n, vocab, hidden.device)
+    chunk_size = min(chunk_size or d_tok, n)
+    vocab_chunk_size = min(vocab_chunk_size or d_voc, vocab)
+    precompute = (
+        torch.is_grad_enabled()
+        and hidden.requires_grad
+        and not weight.requires_grad
+        and (bias is None or not bias.requires_grad)
+    )
+    logp, logz = _ChunkedTokenLogprobs.apply(
+        flat_h.contiguous(), weight.contiguous(), bias, flat_a.contiguous(), chunk_size, vocab_chunk_size, precompute
+    )
+    if keep is None:
+        return logp.reshape(out_shape), logz.reshape(out_shape)
+    full = torch.zeros(keep.shape[0], dtype=cdt, device=hidden.device)
+    return (full.index_put((keep,), logp).reshape(out_shape), full.index_put((keep,), logz).reshape(out_shape))

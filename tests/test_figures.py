@@ -1,0 +1,128 @@
+"""Figures show the frame's numbers where they belong: cells, lines, bars, colour scale, offline renderers."""
+
+import base64
+import copy
+
+import numpy as np
+import plotly.io as pio
+import pytest
+import torch
+
+from shiq_lab.figures import QUANTITIES, chromium_path, configure_plotly, display_token, token_strip, topk_bars, value_lines
+from shiq_lab.models import load_model
+from shiq_lab.rewards import word_reward
+from shiq_lab.token_values import token_values
+
+PROMPT = [{"role": "user", "content": "was the movie good?"}]
+MULTI_TURN = [
+    {"role": "assistant", "content": "let me check"},
+    {"role": "tool", "content": "result great"},
+    {"role": "assistant", "content": "the film was great."},
+]
+
+
+@pytest.fixture(scope="module")
+def frame():
+    torch.manual_seed(0)
+    ref, tok = load_model("tiny")
+    policy = copy.deepcopy(ref)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    return token_values(policy, tok, PROMPT, ["the movie was great and the music was really good.", MULTI_TURN],
+                        reference=ref, beta=0.5, rewards=word_reward(tok, "great"), top_k=3)
+
+
+def _cells(fig, trace):
+    z = np.array(fig.data[trace].z, dtype=float)
+    text = np.array(fig.data[trace].text, dtype=object)
+    return z, text
+
+
+@pytest.mark.parametrize("quantity", list(QUANTITIES))
+def test_token_strip_cells_hold_the_quantity_of_their_token(frame, quantity) -> None:
+    fig = token_strip(frame, quantity, tokens_per_line=5)
+    # traces: response 0 (policy), response 1 (policy), response 1 (environment)
+    assert [t.name.split(":")[0] for t in fig.data] == ["response 0", "response 1", "response 1"]
+    for trace, r in ((0, 0), (1, 1)):
+        z, text = _cells(fig, trace)
+        rows = frame[frame.response == r]
+        placed = [(text[i, j], z[i, j]) for i in range(z.shape[0]) for j in range(z.shape[1]) if text[i, j]]
+        assert [t for t, _ in placed] == [display_token(t) for t in rows.token]  # reading order = token order
+        values = np.array([v for _, v in placed])
+        expected = np.where(rows.is_policy, rows[quantity], np.nan)
+        np.testing.assert_allclose(values, expected, atol=1e-12)  # environment cells are holes in this trace
+    z_env, _ = _cells(fig, 2)
+    assert np.isfinite(z_env).sum() == (~frame[frame.response == 1].is_policy).sum()
+    policy_values = frame.loc[frame.is_policy, quantity].abs()
+    zmax = policy_values.max() if policy_values.max() > 0 else 1.0
+    assert fig.layout.coloraxis.cmin == pytest.approx(-zmax) and fig.layout.coloraxis.cmax == pytest.approx(zmax)
+    assert fig.layout.coloraxis.cmid == 0
+
+
+def test_each_turn_starts_a_line_and_hover_shows_every_quantity(frame) -> None:
+    fig = token_strip(frame, "q", responses=[1], titles=["multi-turn"], tokens_per_line=40)
+    _, text = _cells(fig, 0)
+    assert list(fig.layout.yaxis.ticktext) == ["assistant", "tool", "assistant"]  # three turns, three lines
+    assert text[1, 0] == "<|im_start|>" and "result" in list(text[1])
+    row = frame[(frame.response == 1) & frame.is_policy].iloc[2]
+    hover = np.array(fig.data[0].hovertext, dtype=object)
+    cell = hover[0, 2]
+    for name, col in (("Q", "q"), ("V", "v"), ("A", "advantage"), ("residual", "residual"), ("KL", "kl")):
+        assert f"{name} {row[col]:+.4f}" in cell
+
+
+def test_shared_scale_and_bad_choices(frame) -> None:
+    fig = token_strip(frame, "advantage", zmax=2.0)
+    assert fig.layout.coloraxis.cmax == 2.0 and all(t.coloraxis in (None, "coloraxis") for t in fig.data)
+    assert sum(t.coloraxis == "coloraxis" for t in fig.data) == 2  # both responses on one scale
+    with pytest.raises(ValueError, match="quantity"):
+        token_strip(frame, "value")
+    with pytest.raises(ValueError, match="responses"):
+        token_strip(frame, "q", responses=[7])
+
+
+def test_value_lines_plot_the_columns(frame) -> None:
+    fig = value_lines(frame, 1, quantities=("q", "v", "residual"))
+    rows = frame[frame.response == 1]
+    for trace, col in zip(fig.data, ("q", "v", "residual")):
+        np.testing.assert_allclose(np.array(trace.y, dtype=float), rows[col].to_numpy(float), atol=1e-12)
+        assert list(trace.x) == rows.step.tolist()
+    assert len(fig.layout.shapes) == (~rows.is_policy).sum() + 1  # one grey band per environment token, plus y=0
+
+
+def test_topk_bars_show_alternatives_and_the_taken_token(frame) -> None:
+    row = frame[(frame.response == 0) & (frame.step == 3)].iloc[0]
+    fig = topk_bars(frame, 0, 3)
+    q, p, p_ref = (np.array(t.y, dtype=float) for t in fig.data)
+    k = len(row.topk_ids)
+    np.testing.assert_allclose(q[:k], row.topk_q)
+    np.testing.assert_allclose(p[:k], row.topk_prob)
+    np.testing.assert_allclose(p_ref[:k], row.topk_ref_prob)
+    if row.token_id not in list(row.topk_ids):  # the taken token is appended with its own numbers
+        assert q[-1] == pytest.approx(row.q) and p[-1] == pytest.approx(row.prob)
+    assert list(fig.data[0].marker.color).count("#ff7f0e") == 1
+
+
+def test_offline_renderers_reference_no_cdn() -> None:
+    from shiq_lab.figures import _html_renderer
+
+    assert configure_plotly(png=False) == "plotly_mimetype"  # outside a kernel: no HTML copy to inline into
+    html = _html_renderer().to_mimebundle(token_strip_stub().to_dict())["text/html"]
+    assert "Plotly.newPlot" in html and "<script src=" not in html and "cdn" not in html.lower()
+
+
+def token_strip_stub():  # a small figure: the renderers, not the content, are under test
+    import plotly.graph_objects as go
+
+    return go.Figure(go.Bar(y=[1, 2]))
+
+
+@pytest.mark.skipif(chromium_path() is None, reason="no chromium installed (make browser-deps): PNG copies need one")
+def test_png_copies_of_figures_with_kaleido() -> None:
+    assert configure_plotly() == "plotly_mimetype+shiq_png"
+    bundle = pio.renderers._build_mime_bundle(token_strip_stub().to_dict(), renderers_string=None)
+    png = base64.b64decode(bundle["image/png"])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    configure_plotly(png=False)
