@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import (
+    CLOCKS,
     fmt_bytes,
     interleaved_times,
     machine_info,
@@ -176,11 +177,11 @@ def run_case(p: Problem, *, rounds: int, warmup: int, device: torch.device, chec
         "frozen_head": not p.weight.requires_grad,
         "tile": [tile["chunk_size"] or d_tok, tile["vocab_chunk_size"] or d_voc],
         "full_logits_fp32_bytes": n_tok * vocab * 4,
-        "times": {m: time_summary(times[m]) for m in METHOD_NAMES},
+        "times": {m: {c: time_summary(times[m][c]) for c in CLOCKS} for m in METHOD_NAMES},
         "memory": memory,
         "ratios": {
-            "time_fused_over_sft": ratio_summary(times["shiq_fused"], times["sft_ce"]),
-            "time_naive_over_sft": ratio_summary(times["shiq_naive"], times["sft_ce"]),
+            "time_fused_over_sft": {c: ratio_summary(times["shiq_fused"][c], times["sft_ce"][c]) for c in CLOCKS},
+            "time_naive_over_sft": {c: ratio_summary(times["shiq_naive"][c], times["sft_ce"][c]) for c in CLOCKS},
             "peak_memory_fused_over_naive": memory["shiq_fused"]["peak_bytes"] / memory["shiq_naive"]["peak_bytes"],
             "working_memory_fused_over_naive": memory["shiq_fused"]["working_bytes"] / memory["shiq_naive"]["working_bytes"],
             "peak_memory_fused_over_sft": memory["shiq_fused"]["peak_bytes"] / memory["sft_ce"]["peak_bytes"],
@@ -191,16 +192,23 @@ def run_case(p: Problem, *, rounds: int, warmup: int, device: torch.device, chec
     return row
 
 
-def _main_rows(rows: list[dict[str, Any]]) -> str:
+def _ratio(r: dict[str, float]) -> str:
+    return f"{r['median']:.3f} [{r['q1']:.3f}, {r['q3']:.3f}]"
+
+
+def _main_rows(rows: list[dict[str, Any]], clock: str) -> str:
+    other = "wall_s" if clock == "cpu_s" else "cpu_s"
     table = []
     for r in rows:
         t, m, q = r["times"], r["memory"], r["ratios"]
         table.append({
             "B x T": f"{r['batch']} x {r['seq_len']}", "V": r["vocab"],
             "output layer": "frozen" if r["frozen_head"] else "trained",
-            "SFT CE (s)": f"{t['sft_ce']['median_s']:.3f}", "naive ShiQ (s)": f"{t['shiq_naive']['median_s']:.3f}",
-            "fused ShiQ (s)": f"{t['shiq_fused']['median_s']:.3f}",
-            "fused / SFT time": f"{q['time_fused_over_sft']['median']:.3f} [{q['time_fused_over_sft']['q1']:.3f}, {q['time_fused_over_sft']['q3']:.3f}]",
+            "SFT CE (s)": f"{t['sft_ce'][clock]['median']:.3f}", "naive ShiQ (s)": f"{t['shiq_naive'][clock]['median']:.3f}",
+            "fused ShiQ (s)": f"{t['shiq_fused'][clock]['median']:.3f}",
+            "fused / SFT time": _ratio(q["time_fused_over_sft"][clock]),
+            f"fused / SFT ({other[:-2]} clock)": _ratio(q["time_fused_over_sft"][other]),
+            "naive / SFT time": f"{q['time_naive_over_sft'][clock]['median']:.3f}",
             "peak mem SFT / naive / fused": " / ".join(fmt_bytes(m[k]["peak_bytes"]) for k in METHOD_NAMES),
             "fused / naive peak mem": f"{q['peak_memory_fused_over_naive']:.3f}",
             "fused / naive working mem": f"{q['working_memory_fused_over_naive']:.3f}",
@@ -208,30 +216,34 @@ def _main_rows(rows: list[dict[str, Any]]) -> str:
     return markdown_table(table, list(table[0]))
 
 
-def _scaling_rows(rows: list[dict[str, Any]]) -> str:
+def _scaling_rows(rows: list[dict[str, Any]], clock: str) -> str:
     table = []
     for r in rows:
         t, m = r["times"], r["memory"]
         table.append({
             "T": r["seq_len"], "V": r["vocab"], "[T,V] fp32": fmt_bytes(r["full_logits_fp32_bytes"]),
-            **{f"{k} (s)": f"{t[k]['median_s']:.3f}" for k in METHOD_NAMES},
+            **{f"{k} (s)": f"{t[k][clock]['median']:.3f}" for k in METHOD_NAMES},
             **{f"{k} peak": fmt_bytes(m[k]["peak_bytes"]) for k in METHOD_NAMES},
             "naive largest temporary": fmt_bytes(m["shiq_naive"]["largest_temp_bytes"]),
             "fused largest temporary": fmt_bytes(m["shiq_fused"]["largest_temp_bytes"]),
-            "fused / SFT time": f"{r['ratios']['time_fused_over_sft']['median']:.3f}",
+            "fused / SFT time": f"{r['ratios']['time_fused_over_sft'][clock]['median']:.3f}",
         })
     return markdown_table(table, list(table[0]))
 
 
 def build_markdown(payload: dict[str, Any]) -> str:
     mi, s, head = payload["machine"], payload["settings"], payload["headline"]
+    clock = head["clock"]
+    clock_words = ("process CPU time (one torch thread: the wall time of an idle machine, robust to other "
+                   "processes sharing the cores)" if clock == "cpu_s" else "wall-clock time")
     lines = [
         "# Loss kernel: ShiQ vs SFT cross-entropy (forward + backward)",
         "",
         f"Machine: {mi['cpu']} ({mi['cpu_count']} cores), device {mi['device']}, torch {mi['torch']}, "
         f"{mi['torch_threads']} torch thread(s), load average {mi.get('loadavg_1m_5m_15m')} at the start. "
-        f"{s['rounds']} interleaved rounds after {s['warmup']} warm-up; times are medians, ratios the median of "
-        f"per-round ratios [quartiles]. Memory: peak bytes allocated by torch during one step above the inputs "
+        f"Load average at the end: {mi.get('loadavg_end')}. "
+        f"{s['rounds']} interleaved rounds after {s['warmup']} warm-up; times are {clock_words}, medians; ratios "
+        f"are medians of per-round ratios [quartiles]. Memory: peak bytes allocated by torch during one step above the inputs "
         f"(includes the gradients the step leaves, {fmt_bytes(payload['main'][0]['memory']['shiq_fused']['retained_bytes'])} "
         f"in the first row); working = peak minus what the step leaves behind.",
         "",
@@ -240,14 +252,14 @@ def build_markdown(payload: dict[str, Any]) -> str:
         f"**{head['peak_memory_fused_over_naive']:.3f}** (goal <= {MEMORY_GOAL}: "
         f"{'met' if head['meets_memory_goal'] else 'NOT met'}).",
         "",
-        _main_rows(payload["main"]),
+        _main_rows(payload["main"], clock),
         "",
         "Fused vs naive ShiQ on the same inputs (largest relative difference): "
         + "; ".join(f"{k}={v:.1e}" for k, v in payload["main"][0].get("check", {}).items()),
     ]
     for key, title in (("seq_len", "Scaling with sequence length"), ("vocab", "Scaling with vocabulary")):
         if payload["scaling"].get(key):
-            lines += ["", f"## {title} (B = 1, trained output layer)", "", _scaling_rows(payload["scaling"][key])]
+            lines += ["", f"## {title} (B = 1, trained output layer)", "", _scaling_rows(payload["scaling"][key], clock)]
     return "\n".join(lines)
 
 
@@ -269,6 +281,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--scaling-rounds", type=int, default=3)
     ap.add_argument("--chunk-size", type=int, default=None, help="fused kernel's tokens per tile (default: auto)")
     ap.add_argument("--vocab-chunk-size", type=int, default=None, help="fused kernel's vocabulary per tile (default: auto)")
+    ap.add_argument("--clock", choices=CLOCKS, default=None,
+                    help="clock of the headline ratios (default: cpu_s with one CPU thread, else wall_s)")
     ap.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results")
     ap.add_argument("--name", default="loss_kernel", help="stem of the result files")
     args = ap.parse_args(argv)
@@ -287,6 +301,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     dims = dict(hidden=args.hidden, device=device)
     tile = {"chunk_size": args.chunk_size, "vocab_chunk_size": args.vocab_chunk_size}
+    # one torch thread on a CPU: CPU time is immune to other processes; otherwise wall time
+    clock = args.clock or ("cpu_s" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall_s")
     machine = machine_info(device)
 
     main_rows = []
@@ -294,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for b, frozen in configs:
         p = make_problem(b, args.seq_len, vocab=args.vocab, frozen_head=frozen, **dims)
         main_rows.append(run_case(p, rounds=args.rounds, warmup=args.warmup, device=device, tile=tile))
-        print(f"B={b} frozen={frozen}: fused/SFT time {main_rows[-1]['ratios']['time_fused_over_sft']['median']:.3f}, "
+        print(f"B={b} frozen={frozen}: fused/SFT time {main_rows[-1]['ratios']['time_fused_over_sft'][clock]['median']:.3f}, "
               f"fused/naive peak memory {main_rows[-1]['ratios']['peak_memory_fused_over_naive']:.3f}", flush=True)
 
     scaling: dict[str, list[dict[str, Any]]] = {"seq_len": [], "vocab": []}
@@ -309,7 +325,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     first = main_rows[0]
     headline = {
         "config": {k: first[k] for k in ("batch", "seq_len", "hidden", "vocab", "frozen_head")},
-        "time_fused_over_sft": first["ratios"]["time_fused_over_sft"]["median"],
+        "clock": clock,
+        "time_fused_over_sft": first["ratios"]["time_fused_over_sft"][clock]["median"],
         "peak_memory_fused_over_naive": first["ratios"]["peak_memory_fused_over_naive"],
         "working_memory_fused_over_naive": first["ratios"]["working_memory_fused_over_naive"],
     }

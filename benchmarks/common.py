@@ -2,7 +2,9 @@
 
 - Timing interleaves the compared cases round by round (a, b, c, a, b, c, ...) after a warm-up,
   so a load change on a shared machine hits every case alike; ratios are taken per round and
-  summarised by their median and quartiles.
+  summarised by their median and quartiles. Two clocks: wall time, and the CPU time of this
+  process (all its threads). With one torch thread on a CPU, CPU time is what wall time would be
+  on an idle machine, minus the time other processes took the core: the steadier clock there.
 - Memory is the peak of bytes allocated by torch during one call, above what was allocated when
   the call started. On CUDA this is ``torch.cuda.max_memory_allocated``; on CPU, where torch keeps
   no allocator statistics, it is replayed from the allocation events of ``torch.profiler``
@@ -27,6 +29,7 @@ __all__ = [
     "RESULTS_DIR",
     "machine_info",
     "synchronize",
+    "CLOCKS",
     "interleaved_times",
     "time_summary",
     "ratio_summary",
@@ -73,6 +76,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = ("wall_s", "cpu_s")
+
+
 def interleaved_times(
     cases: dict[str, Callable[[], Any]],
     *,
@@ -80,31 +86,34 @@ def interleaved_times(
     warmup: int,
     device: torch.device,
     reset: Callable[[], None] | None = None,
-) -> dict[str, list[float]]:
-    """Wall-clock seconds of each case, ``rounds`` times, the cases interleaved within each round.
+) -> dict[str, dict[str, list[float]]]:
+    """Seconds of each case, ``rounds`` times, the cases interleaved within each round.
 
+    Returns ``{case: {"wall_s": [...], "cpu_s": [...]}}`` (wall clock, and process CPU time).
     ``reset`` runs after every call, outside the timed region (e.g. to drop accumulated ``.grad``).
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds={rounds} must be >= 1 and warmup={warmup} >= 0")
 
-    def once(fn: Callable[[], Any]) -> float:
+    def once(fn: Callable[[], Any]) -> tuple[float, float]:
         synchronize(device)
-        t0 = time.perf_counter()
+        w0, c0 = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
-        elapsed = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         if reset is not None:
             reset()
-        return elapsed
+        return wall, cpu
 
     for _ in range(warmup):
         for fn in cases.values():
             once(fn)
-    times: dict[str, list[float]] = {name: [] for name in cases}
+    times: dict[str, dict[str, list[float]]] = {name: {c: [] for c in CLOCKS} for name in cases}
     for _ in range(rounds):
         for name, fn in cases.items():
-            times[name].append(once(fn))
+            wall, cpu = once(fn)
+            times[name]["wall_s"].append(wall)
+            times[name]["cpu_s"].append(cpu)
     return times
 
 
@@ -118,7 +127,7 @@ def _quartiles(xs: list[float]) -> tuple[float, float]:
 def time_summary(times: list[float]) -> dict[str, float]:
     """Median, min, quartiles (the spread) and count of a list of seconds."""
     q1, q3 = _quartiles(times)
-    return {"median_s": statistics.median(times), "min_s": min(times), "q1_s": q1, "q3_s": q3, "n": len(times)}
+    return {"median": statistics.median(times), "min": min(times), "q1": q1, "q3": q3, "n": len(times)}
 
 
 def ratio_summary(numerator: list[float], denominator: list[float]) -> dict[str, float]:

@@ -172,7 +172,10 @@ def _train(argv: list[str]) -> int:
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     if trainer.args.should_save:
-        (Path(cfg.output_dir) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        target = Path(cfg.output_dir) / "log_history.json"
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(trainer.state.log_history, indent=1) + "\n")
+        os.replace(tmp, target)  # never a half-written history
         print(f"trained {result.global_step} steps, final train loss {result.training_loss:.6g}; model in {cfg.output_dir}")
     return 0
 

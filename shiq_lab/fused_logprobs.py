@@ -58,43 +58,33 @@ def _ranges(total: int, step: int) -> list[tuple[int, int]]:
 
 
 class _Tiler:
-    """Computes logits tiles ``hidden[n0:n1] @ weight[v0:v1].T (+ bias)`` into one reused buffer."""
+    """Logits tiles ``hidden[n0:n1] @ weight[v0:v1].T + shift``, written into one reused buffer."""
 
-    def __init__(self, hidden, weight, bias, actions, chunk_size, vocab_chunk_size, cdt):
-        self.hidden, self.weight, self.bias, self.actions, self.cdt = hidden, weight, bias, actions, cdt
+    def __init__(self, hidden, weight, actions, chunk_size, vocab_chunk_size, cdt):
+        self.hidden, self.weight, self.actions, self.cdt = hidden, weight, actions, cdt
+        self.vocab_chunk_size = vocab_chunk_size
         self.rows = _ranges(hidden.shape[0], chunk_size)
         self.cols = _ranges(weight.shape[0], vocab_chunk_size)
         self.buf = torch.empty(min(chunk_size, hidden.shape[0]) * min(vocab_chunk_size, weight.shape[0]),
                                dtype=cdt, device=hidden.device)
-        # rows whose action falls in each vocabulary chunk, found once
-        chunk_of = torch.div(actions, vocab_chunk_size, rounding_mode="floor")
-        self.hits = [torch.nonzero(chunk_of == k).flatten() for k in range(len(self.cols))]
+        self._hits: list[torch.Tensor] | None = None
 
-    def logits(self, n0: int, n1: int, v0: int, v1: int) -> torch.Tensor:
+    def logits(self, n0: int, n1: int, v0: int, v1: int, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """The [n1-n0, v1-v0] tile in the compute dtype; ``shift`` (broadcastable: bias, -logz) rides on the matmul."""
         tile = self.buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
         h, w = self.hidden[n0:n1], self.weight[v0:v1]
-        if h.dtype == self.cdt:
-            torch.mm(h, w.t(), out=tile)
-        else:  # low-precision matmul, as ``hidden @ weight.T`` would do, then fp32 for the softmax
-            tile.copy_(h @ w.t())
-        if self.bias is not None:
-            tile.add_(self.bias[v0:v1].to(self.cdt))
-        return tile
-
-    def probs(self, n0: int, n1: int, v0: int, v1: int, logz: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """The softmax tile ``exp(l - logz)``; the shift by ``-logz`` (and the bias) rides on the matmul."""
-        tile = self.buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
-        shift = -logz[:, None] if bias is None else bias[None, :] - logz[:, None]
-        h, w = self.hidden[n0:n1], self.weight[v0:v1]
-        if h.dtype == self.cdt:
-            torch.addmm(shift.expand(n1 - n0, v1 - v0), h, w.t(), out=tile)
-        else:
-            torch.add(h @ w.t(), shift, out=tile)
-        return tile.exp_()
+        if h.dtype != self.cdt:  # low-precision matmul, as ``hidden @ weight.T`` does, then fp32
+            return torch.add(h @ w.t(), shift, out=tile) if shift is not None else tile.copy_(h @ w.t())
+        if shift is None:
+            return torch.mm(h, w.t(), out=tile)
+        return torch.addmm(shift.expand_as(tile), h, w.t(), out=tile)
 
     def hits_in(self, k: int, n0: int, n1: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row offsets within the tile, column offsets) of the actions inside tile (rows n0:n1, chunk k)."""
-        rows = self.hits[k]
+        """(row offsets within the tile, column offsets) of the actions inside tile (rows n0:n1, vocab chunk k)."""
+        if self._hits is None:  # rows whose action falls in each vocabulary chunk, found once
+            chunk_of = torch.div(self.actions, self.vocab_chunk_size, rounding_mode="floor")
+            self._hits = [torch.nonzero(chunk_of == j).flatten() for j in range(len(self.cols))]
+        rows = self._hits[k]
         if n0 > 0 or n1 < self.hidden.shape[0]:
             rows = rows[(rows >= n0) & (rows < n1)]
         return rows - n0, self.actions[rows] - self.cols[k][0]
@@ -105,7 +95,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, actions, chunk_size, vocab_chunk_size, precompute):
         cdt = _compute_dtype(hidden)
         n = hidden.shape[0]
-        tiler = _Tiler(hidden, weight, bias, actions, chunk_size, vocab_chunk_size, cdt)
+        tiler = _Tiler(hidden, weight, actions, chunk_size, vocab_chunk_size, cdt)
         logz = torch.empty(n, dtype=cdt, device=hidden.device)
         chosen = torch.empty(n, dtype=cdt, device=hidden.device)
         expected_w = torch.zeros(n, hidden.shape[1], dtype=cdt, device=hidden.device) if precompute else None
@@ -114,7 +104,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             m = torch.full((n1 - n0,), -torch.inf, dtype=cdt, device=hidden.device)
             s = torch.zeros(n1 - n0, dtype=cdt, device=hidden.device)
             for k, (v0, v1) in enumerate(tiler.cols):
-                tile = tiler.logits(n0, n1, v0, v1)
+                tile = tiler.logits(n0, n1, v0, v1, None if bias is None else bias[None, v0:v1].to(cdt))
                 r, c = tiler.hits_in(k, n0, n1)
                 chosen[n0 + r] = tile[r, c]
                 m_new = torch.maximum(m, tile.amax(1))
@@ -135,7 +125,6 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 expected_w[n0:n1].div_(s[:, None])
         ctx.chunks = (chunk_size, vocab_chunk_size)
         ctx.precompute = precompute
-        ctx.has_bias = bias is not None
         ctx.save_for_backward(hidden, weight, bias, actions, logz, expected_w)
         return chosen - logz, logz
 
@@ -158,7 +147,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             return g_hidden, None, None, None, None, None, None
 
         chunk_size, vocab_chunk_size = ctx.chunks
-        tiler = _Tiler(hidden, weight, None, actions, chunk_size, vocab_chunk_size, cdt)
+        tiler = _Tiler(hidden, weight, actions, chunk_size, vocab_chunk_size, cdt)
         n, h_dim = hidden.shape
         # d/dl_t = coef_t * softmax(l_t) + gp_t * onehot(a_t). The one-hot part is a gather /
         # index_add of N rows; the softmax part needs the tiles, and its per-row factor coef_t is
@@ -177,12 +166,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         # loop, so only a [vocab_chunk, H] accumulator is needed, never a [V, H] one in fp32
         for v0, v1 in tiler.cols:
             w = weight[v0:v1]
-            b_shift = bias[v0:v1].to(cdt) if bias is not None else None
             gw_acc = None
             if need_w and not one_row_block:
                 gw_acc = g_weight[v0:v1] if weight.dtype == cdt else torch.zeros(v1 - v0, h_dim, dtype=cdt, device=hidden.device)
             for i, (n0, n1) in enumerate(tiler.rows):
-                tile = tiler.probs(n0, n1, v0, v1, logz[n0:n1], b_shift)
+                shift = -logz[n0:n1, None] if bias is None else bias[None, v0:v1].to(cdt) - logz[n0:n1, None]
+                tile = tiler.logits(n0, n1, v0, v1, shift).exp_()  # softmax probabilities P
                 g = tile if w.dtype == cdt else tile.to(w.dtype)
                 if need_h:
                     if w.dtype == cdt:

@@ -202,7 +202,7 @@ class ShiQTrainer(Trainer):
         # The reference statistics are computed where training will run (one process computes and
         # writes the cache, the others read it).
         reference = ref_model if ref_model is not None else model
-        _place(reference, args)
+        ref_home = _place(reference, args)
         if ref_model is not None:
             _place(model, args)
         self._tokenizer = processing_class
@@ -215,6 +215,8 @@ class ShiQTrainer(Trainer):
                                 for k, v in eval_dataset.items()}
             else:
                 eval_dataset = self.prepare_dataset(eval_dataset, reference, args, processing_class, split="eval")
+        if ref_model is not None and ref_home is not None:
+            ref_model.to(ref_home)  # give the training device back: the reference is not used any more
         del reference, ref_model
 
         if data_collator is None:
@@ -222,6 +224,9 @@ class ShiQTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self._logits_mode = self._pick_logits_mode()
+        # transformers < 5.2x has no loss_is_scaled_for_ga: it reads this flag to decide that the loss is
+        # already normalised over the accumulated batch (compute_loss below does that for every model)
+        self.model_accepts_loss_kwargs = True
 
     # ------------------------------------------------------------------------------------------
     # data
@@ -287,6 +292,16 @@ class ShiQTrainer(Trainer):
         if lt == "shiq" and self.args.loss_reduction == "token":
             return int(batch["action_mask"][:, 1:].sum())
         return int(batch["input_ids"].shape[0])
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        """The micro-batches of one optimizer step and their item count (see :meth:`_get_num_items_in_batch`)."""
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        return batch_samples, self._get_num_items_in_batch(batch_samples, device)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> torch.Tensor | None:
         """Items of the whole optimizer step: every micro-batch, summed over processes."""
@@ -484,16 +499,17 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _place(model: nn.Module, args: ShiQConfig) -> None:
-    """Move a model to the training device for the precompute (not for sharded / device-mapped models)."""
+def _place(model: nn.Module, args: ShiQConfig) -> torch.device | None:
+    """Move a model to the training device (not sharded / device-mapped ones); returns where it was."""
     if getattr(model, "hf_device_map", None) or args.fsdp or args.deepspeed:
-        return
+        return None
     try:
         device = next(model.parameters()).device
     except StopIteration:
-        return
+        return None
     if device != args.device:
         model.to(args.device)
+    return device
 
 
 def _has_distinct_returns(row: dict) -> bool:

@@ -12,6 +12,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Tests use tiny tensors: one thread avoids oversubscribing a 2-core CI box (measured 62 s -> 16 s
+# for the loss tests under load); notebooks and subprocess tests set their own.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

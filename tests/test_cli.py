@@ -131,3 +131,16 @@ def test_models_list_and_fetch(capsys):
     assert str(model_folder("tiny")) in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown model 'nope'"):
         cli.main(["models", "fetch", "nope"])
+
+
+def test_shipped_configs_parse_and_name_existing_things():
+    import importlib
+
+    configs = sorted((Path(CONFIG).parent).glob("*.yaml"))
+    assert {c.name for c in configs} >= {"tiny_cpu.yaml", "smollm2_gpu.yaml"}
+    # (use_cpu: this machine has no GPU, and bf16 needs one unless told to run on CPU)
+    run, cfg, _ = cli.parse_config(["--config", str(Path(CONFIG).parent / "smollm2_gpu.yaml"), "--use_cpu", "true"])
+    assert (run.model, cfg.bf16, cfg.loss_type, cfg.report_to) == ("smollm2-135m", True, "shiq", ["tensorboard"])
+    module, fn = run.dataset.split(":")
+    assert callable(getattr(importlib.import_module(module), fn))
+    assert json.loads(run.dataset_kwargs)["model"] == "smollm2-135m"

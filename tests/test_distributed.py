@@ -2,8 +2,8 @@
 
 The loss of each micro-batch is its sum of terms divided by the item count of the whole step on
 all processes (see shiq_lab.trainer), so the split of a global batch over processes must not change
-the losses, the gradient norms or the trained weights. One 2-process run takes ~30 s on 2 cores;
-the fast, single-process counterpart of the same normalisation is
+the losses, the gradient norms or the trained weights. One 2-process run takes 30-60 s on 2 cores
+(two interpreters importing torch + transformers), hence ``slow``; the fast, single-process counterpart of the same normalisation is
 tests/test_trainer.py::test_gradient_accumulation_gives_the_same_losses_as_a_big_batch.
 """
 
@@ -31,6 +31,7 @@ def _args(tmp_path, out, batch, loss_type):
             "--dataset_kwargs", '{"n": 32, "seed": 0}', "--eval_fraction", "0"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("loss_type", ["shiq"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, loss_type):

@@ -175,3 +175,18 @@ def test_lora_reference_is_the_base_model_with_adapters_disabled(tiny, data, tmp
     lora.train()
     precompute_reference(lora, data, cache_dir=tmp_path)
     assert lora.training  # the precompute restores the training mode
+
+
+def test_the_output_layer_never_sees_more_than_one_position_per_row(tiny, data):
+    """The [B, T, V] logits are never built: the model's own lm_head runs on the last position only."""
+    model, tok = tiny
+    b = batch_of(data, tok)
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
+    try:
+        logp, logz = token_stats(model, b["input_ids"], b["attention_mask"], b["action_mask"])
+        (logp.sum() + logz.sum()).backward()
+    finally:
+        handle.remove()
+        model.zero_grad()
+    assert shapes == [(len(data), 1, model.config.vocab_size)]

@@ -1,5 +1,6 @@
 """The sentiment reward: hashed n-gram features, mean-bag logistic scores, training, caching."""
 
+import dataclasses
 import zlib
 
 import numpy as np
@@ -71,17 +72,19 @@ def test_reward_wrapper_kinds_prompt_and_errors():
 def test_quick_training_is_deterministic_accurate_and_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("SHIQ_LAB_CACHE", str(tmp_path))
     built = load_reward_model(QUICK_REWARD_CONFIG)
-    assert built.meta["accuracy_test"] > 0.75  # 3k training reviews, 2 epochs: ~0.78
+    assert built.meta["accuracy_test"] > 0.72  # 2k training reviews, 2 epochs: ~0.77 (full build: ~0.90)
     assert built.meta["accuracy_test_windows"] > 0.6  # 8-48-word snippets are harder
-    assert built.meta["n_train_reviews"] == 3000 and built.meta["n_test_reviews"] == 1000
-    again = train_sentiment_classifier(QUICK_REWARD_CONFIG)
-    assert torch.equal(again.weights.weight, built.weights.weight)  # seeded and deterministic
+    assert built.meta["n_train_reviews"] == 2000 and built.meta["n_test_reviews"] == 500
+    micro = dataclasses.replace(QUICK_REWARD_CONFIG, max_train=200, max_eval=50, epochs=1)
+    first, second = train_sentiment_classifier(micro), train_sentiment_classifier(micro)
+    assert torch.equal(first.weights.weight, second.weights.weight)  # seeded and deterministic
+    assert first.weights.weight.abs().sum() > 0
     cached = load_reward_model(QUICK_REWARD_CONFIG)  # from disk this time
     assert torch.equal(cached.weights.weight, built.weights.weight)
     assert cached.meta["accuracy_test"] == built.meta["accuracy_test"]
     # a clearly positive and a clearly negative snippet are told apart
     p = cached.prob(["a wonderful, moving film with brilliant acting", "boring, awful and a waste of time"])
-    assert p[0] > 0.7 and p[1] < 0.3
+    assert p[0] > 0.6 and p[1] < 0.4
 
 
 @needs_reviews

@@ -134,9 +134,11 @@ def test_enumerate_paths_counts_and_probabilities(tree: TokenTree) -> None:
 def test_coverage_of_a_small_sample_is_partial() -> None:
     t = make_token_tree(vocab_size=3, horizon=4, seed=0)
     few = sample_dataset(t, t.ref_log_probs, 3, seed=0)
+    expected = {(int(s), int(a)) for s, a, m in zip(few.states.flatten(), few.actions.flatten(), few.mask.flatten()) if m == 1}
     seen = visited_pairs(t, few)
-    assert int(seen.sum()) <= 3 * 4 and 0 < coverage(t, few) < 1
-    assert coverage(t, few) == pytest.approx(float(seen[t.policy_states].double().mean()))
+    assert {tuple(pair) for pair in torch.nonzero(seen).tolist()} == expected
+    assert coverage(t, few) == pytest.approx(len(expected) / (int(t.policy_states.sum()) * t.vocab_size))
+    assert 0 < coverage(t, few) < 1
 
 
 # --- the exact solution ------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_mixed_precision_starts_calibrated_because_the_reference_runs_under_the_
     fp32 = ref_mod.precompute_reference(load_model("tiny")[0], tr.train_dataset.remove_columns(["ref_logp", "ref_logz"]),
                                         use_cache=False)
     gap = max(abs(a - b) for ra, rb in zip(fp32["ref_logz"], tr.train_dataset["ref_logz"]) for a, b in zip(ra, rb))
-    assert gap > 1e-4
+    assert gap > 1e-6  # enough to break the 1e-6 closed form above (residual ~ beta * gap)
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
@@ -248,5 +248,6 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     plain.train()
     ckpt = trainer_for(tmp_path / "b", max_steps=3, optim="sgd", learning_rate=0.5, gradient_checkpointing=True)
     ckpt.train()
-    assert ckpt.model.is_gradient_checkpointing if hasattr(ckpt.model, "is_gradient_checkpointing") else True
+    assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.modules())
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.model.modules())
     assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-5)

@@ -20,10 +20,10 @@ import math
 
 import torch
 
-from ..token_tree import ExactSolution, state_occupancy, state_values
+from ..token_tree import ExactSolution, OfflineDataset, TokenTree, state_occupancy, state_values
 from .forest import Forest, per_copy, per_copy_mean
 
-__all__ = ["policy_metrics", "sequences_to_target"]
+__all__ = ["policy_metrics", "sequences_to_target", "action_coverage"]
 
 
 def _state_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -86,3 +86,15 @@ def sequences_to_target(sizes: list[int], scores: list[float], target: float = 0
     # a plateau at or below the reference (<= 0) is reached by the first size that attains it
     level = target * plateau if plateau > 0 else plateau
     return next(size for size, score in zip(sizes, finite) if score >= level), False
+
+
+def action_coverage(tree: TokenTree, data: OfflineDataset) -> float:
+    """Fraction of the (state, token) pairs the policy chooses between that the data shows at least once.
+
+    Offline, an action never seen keeps whatever logit the loss leaves it: coverage bounds what any
+    method can learn from a dataset.
+    """
+    seen = torch.zeros(tree.ref_logits.shape, dtype=torch.bool)
+    m = data.mask.bool()
+    seen[data.states[m], data.actions[m]] = True
+    return float(seen[tree.policy_states].float().mean())

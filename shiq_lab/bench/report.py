@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["render_markdown", "headline_table", "efficiency_table", "fmt"]
+__all__ = ["render_markdown", "headline_table", "efficiency_table", "fmt", "calibration_table", "frontier_table", "mean_curves", "efficiency_curves", "key_numbers"]
 
 _LABEL = {
     "shiq": "ShiQ (full path)", "shiq_nstep": "ShiQ n-step", "shiq_1step": "shifted one-step",
@@ -101,7 +101,8 @@ def _detail_table(results: dict, param: str, task: str) -> str:
     return "\n".join(lines)
 
 
-def _calibration_table(results: dict) -> str:
+def calibration_table(results: dict) -> str:
+    """Methods x (parameterisation, task): mean |residual| at theta = ref with the rewards set to 0."""
     cfg = results["meta"]["config"]
     rows = _rows(results)
     cols = [(p, t) for p in cfg["parameterisations"] for t in cfg["tasks"]]
@@ -115,7 +116,8 @@ def _calibration_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _frontier_table(results: dict) -> str:
+def frontier_table(results: dict) -> str:
+    """Methods x beta: mean reward @ KL(pi || pi_ref), the exact optimum first."""
     fr = results["frontier"]
     betas = [e["beta"] for e in fr["exact"]]
     lines = ["| method | " + " | ".join(f"β={b:g}" for b in betas) + " |", "|" + "---|" * (1 + len(betas))]
@@ -173,7 +175,7 @@ def render_markdown(results: dict) -> str:
         "",
         "0 means the loss is calibrated at theta = ref (METHOD.md step 3).",
         "",
-        _calibration_table(results),
+        calibration_table(results),
         "",
     ]
     if results["frontier"]["points"]:
@@ -183,7 +185,73 @@ def render_markdown(results: dict) -> str:
             "",
             "Each cell: mean reward @ KL(pi‖pi_ref) of whole responses, mean over seeds.",
             "",
-            _frontier_table(results),
+            frontier_table(results),
             "",
         ]
     return "\n".join(out)
+
+
+def mean_curves(results: dict, param: str, task: str, behaviour: str, key: str = "normalised_return") -> dict[str, tuple[list[int], list[float | None]]]:
+    """Learning curve of each method (selected lr, main size), averaged over seeds: ``{method: (steps, values)}``."""
+    out: dict[str, tuple[list[int], list[float | None]]] = {}
+    for m in results["meta"]["config"]["methods"]:
+        curves = [r["curve"] for r in _selected_main(results) if (r["param"], r["task"], r["method"], r["behaviour"]) == (param, task, m, behaviour) and "curve" in r]
+        if not curves:
+            continue
+        steps = curves[0]["step"]
+        values: list[float | None] = []
+        for i in range(len(steps)):
+            col = [c[key][i] for c in curves]
+            values.append(None if any(v is None for v in col) else sum(col) / len(col))
+        out[m] = (steps, values)
+    return out
+
+
+def efficiency_curves(results: dict, param: str, task: str, behaviour: str) -> dict[str, tuple[list[int], list[float | None]]]:
+    """Seed-averaged normalised return against dataset size: ``{method: (sizes, scores)}``."""
+    rows = _rows(results)
+    return {m: (rows[k]["efficiency_sizes"], rows[k]["efficiency_scores"])
+            for m in results["meta"]["config"]["methods"]
+            if (k := (param, task, m, behaviour)) in rows and "efficiency_sizes" in rows[k]}
+
+
+def key_numbers(results: dict) -> dict[str, float]:
+    """The numbers behind the benchmark's headline findings (the notebook asserts them).
+
+    Needs every method and behaviour in the results; "off-policy" means uniform and mix data.
+    """
+    cfg = results["meta"]["config"]
+    rows = _rows(results)
+    tasks = cfg["tasks"]
+
+    def val(param: str, task: str, method: str, behaviour: str, key: str = "normalised_return_mean") -> float:
+        v = rows[(param, task, method, behaviour)][key]
+        return -math.inf if v is None else v
+
+    off = ("uniform", "mix")
+    shifted = ("shiq", "shiq_nstep", "shiq_1step")
+    calib = lambda ms: [rows[(p, t, m, b)]["calibration_residual_mean"] for p in cfg["parameterisations"] for t in tasks for m in ms for b in cfg["behaviours"]]  # noqa: E731
+    fr = results["frontier"]
+    exact_kl = {e["beta"]: e["kl_ref"] for e in fr["exact"]}
+    shiq_front = [p for p in fr["points"] if p["method"] == "shiq"]
+    dpo_front = [p for p in fr["points"] if p["method"] == "dpo"]
+    numbers = {
+        "calibration_residual_shiq": max(calib(shifted)),
+        "calibration_residual_sequence": max(calib(("dpo", "dpo_bt", "dro", "copg"))),
+        "calibration_residual_unshifted_min": min(calib(("naive", "scoring"))),
+        "shiq_tabular_offpolicy_min": min(val("tabular", t, "shiq", b) for t in tasks for b in off),
+        "shiq_tabular_offpolicy_kl_max": max(val("tabular", t, "shiq", b, "kl_states_mean") for t in tasks for b in off),
+        "unshifted_tabular_max": max(val("tabular", t, m, b) for t in tasks for m in ("naive", "scoring") for b in cfg["behaviours"]),
+        "dpo_minus_shiq_tabular_uniform_max": max(val("tabular", t, "dpo", "uniform") - val("tabular", t, "shiq", "uniform") for t in tasks),
+        "dpo_bt_copg_gap_tabular_offpolicy_max": max(abs(val("tabular", t, "dpo_bt", b) - val("tabular", t, "copg", b)) for t in tasks for b in off),
+        "skewed_tabular_best": max(val("tabular", t, m, "skewed") for t in tasks for m in cfg["methods"]),
+        # among the methods that reach pi* with full coverage: what the skewed data's coverage costs
+        "skewed_minus_uniform_tabular_max": max(val("tabular", t, m, "skewed") - val("tabular", t, m, "uniform")
+                                                for t in tasks for m in (*shifted, "dro", "copg", "dpo_bt")),
+        "shiq_frontier_min": min(p["normalised_return_mean"] for p in shiq_front) if shiq_front else math.nan,
+        "dpo_frontier_kl_ratio_min": min(p["kl_ref_mean"] / exact_kl[p["beta"]] for p in dpo_front) if dpo_front else math.nan,
+    }
+    if "neural" in cfg["parameterisations"]:
+        numbers["shiq_neural_offpolicy_mean"] = sum(val("neural", t, "shiq", b) for t in tasks for b in off) / (2 * len(tasks))
+        numbers["unshifted_neural_max"] = max(val("neural", t, m, b) for t in tasks for m in ("naive", "scoring") for b in cfg["behaviours"])
+    return numbers
