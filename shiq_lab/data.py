@@ -17,7 +17,8 @@ Accepted formats (one per dataset):
 ================  ===========================================================================
 standard          ``prompt: str``, ``completion: str``, ``reward: float`` and/or
                   ``token_rewards: list[float]``; pre-tokenised variant: ``prompt_ids`` and
-                  ``completion_ids`` (lists of token ids, used as they are, no EOS appended)
+                  ``completion_ids`` (lists of token ids, used as they are, no EOS appended; an optional
+                  ``finished: bool`` column flags responses cut before EOS, with a warning)
 conversational    ``prompt: list[message]``, ``completion: list[message]`` (assistant), ``reward``
 multiturn         ``messages: list[message]``, assistant messages may carry ``reward``
 preference (TRL)  ``prompt``, ``chosen``, ``rejected`` -> two rows with rewards (1, 0) by default
@@ -400,6 +401,11 @@ def tokenize_dataset(
     if dropped:
         warnings.warn(f"tokenize_dataset: dropped {dropped} of {len(ds)} rows longer than max_length={max_length} "
                       f"(truncation='{truncation}')", stacklevel=2)
+    if "finished" in ds.column_names:
+        unfinished = sum(f is False for f in ds["finished"])
+        if unfinished:
+            warnings.warn(f"tokenize_dataset: {unfinished} of {len(ds)} responses did not finish (finished=False, no "
+                          "EOS); the losses treat them as terminal after their last token", stacklevel=2)
     if truncated:
         warnings.warn(f"tokenize_dataset: {truncated} of {len(ds)} rows were cut to max_length={max_length}; their "
                       "rewards past the cut sit on the last kept token and they are treated as terminal", stacklevel=2)

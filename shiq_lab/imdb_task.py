@@ -59,10 +59,10 @@ def _model_identity(name_or_path: str) -> str:
 
 def offline_dataset(
     model: str = "imdb-small",
-    n_prompts: int = 64,
-    samples_per_prompt: int = 2,
+    n_prompts: int = 160,
+    samples_per_prompt: int = 4,
     n_words: int = 8,
-    max_new_tokens: int = 24,
+    max_new_tokens: int = 16,
     seed: int = 0,
     reward: str = "prob",
     batch_size: int = 64,
@@ -105,24 +105,24 @@ class ImdbTaskConfig:
 
     model: str = "imdb-small"  # reference and starting point: registered name, folder or hub id
     loss_types: Sequence[str] = LOSS_TYPES
-    betas: Sequence[float] = (0.03, 0.1)
+    betas: Sequence[float] = (0.1, 0.5)  # in units of the reward's spread when rewards are z-scored
     # data
-    n_train_prompts: int = 64
-    samples_per_prompt: int = 2  # responses per train prompt (pairs for DPO / CoPG)
+    n_train_prompts: int = 160  # x samples_per_prompt = max_steps x batch_size: one pass over the data
+    samples_per_prompt: int = 4  # responses per train prompt (pairs for DPO / CoPG)
     n_words: int = 8  # words per prompt
-    max_new_tokens: int = 24
+    max_new_tokens: int = 16
     reward: str = "prob"  # "prob" = P(positive), "logit" = log-odds
     # training
     max_steps: int = 40
     batch_size: int = 16  # responses per step, for every loss type
     learning_rate: float = 1e-3
     lr_scheduler_type: str = "constant"
-    reward_normalization: str = "none"
+    reward_normalization: str = "zscore"  # a per-state value offset of E[R]/beta is hard to learn: centre R
     max_length: int = 64
     trainer_args: dict[str, Any] = field(default_factory=dict)  # any other ShiQConfig field
     # evaluation
     eval_every: int = 20  # steps between frontier points (also evaluates after the last step)
-    n_eval_prompts: int = 32
+    n_eval_prompts: int = 64
     eval_samples_per_prompt: int = 2
     eval_seed: int = 1234  # sampling seed, the same for every policy (common random numbers)
     sample_batch_size: int = 64

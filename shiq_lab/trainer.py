@@ -205,7 +205,6 @@ class ShiQTrainer(Trainer):
         ref_home = _place(reference, args)
         if ref_model is not None:
             _place(model, args)
-        self._tokenizer = processing_class
         if train_dataset is not None:
             train_dataset = self.prepare_dataset(train_dataset, reference, args, processing_class, split="train",
                                                  stats_path=args.ref_stats_path)
@@ -242,7 +241,14 @@ class ShiQTrainer(Trainer):
         split: str = "train",
         stats_path: str | None = None,
     ) -> Dataset:
-        """Tokenise (if raw), normalise rewards, attach reference statistics, group (DPO / CoPG)."""
+        """Tokenise (if raw), normalise rewards, attach reference statistics, group (DPO / CoPG).
+
+        A dataset this method already prepared for a pairwise loss (one row per group) is returned
+        as it is.
+        """
+        if isinstance(ds, Dataset) and {"input_ids", "ref_logp"} <= set(ds.column_names) and len(ds) \
+                and isinstance(ds[0]["input_ids"][0], list):
+            return ds
         if not isinstance(ds, Dataset) or not {"input_ids", "action_mask", "token_rewards"} <= set(ds.column_names):
             ds = tokenize_dataset(ds, tokenizer, max_length=args.max_length, truncation=args.truncation,
                                   add_eos=args.add_eos, preference_rewards=(args.chosen_reward, args.rejected_reward))

@@ -19,7 +19,9 @@ from shiq_lab.bench.metrics import policy_metrics, sequences_to_target
 from shiq_lab.bench.neural_policy import NeuralPolicy, PathTransformer, state_tokens
 from shiq_lab.bench.sequence_baselines import order_by_return, prompt_pairs, sequence_loss
 from shiq_lab.bench.synthetic import PARAMETERISATIONS, SuiteConfig, run_suite, write_results
-from shiq_lab.bench.tasks import BEHAVIOURS, TASKS, behaviour_dataset, load_datasets, make_task_tree, task_specs, write_datasets
+from shiq_lab.bench.tasks import (
+    BEHAVIOURS, TASKS, behaviour_dataset, dataset_fingerprint, load_datasets, make_task_tree, task_specs, write_datasets,
+)
 from shiq_lab.token_tree import solve
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,8 +216,23 @@ def test_written_datasets_read_back_exactly(tmp_path: Path) -> None:
                 assert torch.equal(getattr(got, field), getattr(want, field)), (task, b, field)
 
 
+def test_committed_data_files_match_the_generator() -> None:
+    """data/synthetic/ holds what `python -m shiq_lab.bench synthetic-data` writes with this code."""
+    folder = ROOT / "data" / "synthetic"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["seeds"] == list(SuiteConfig().seeds) and manifest["size"] == SuiteConfig().main_size
+    same_torch = manifest["torch"] == torch.__version__.split("+")[0]
+    for fname, entry in manifest["files"].items():
+        tree, datasets = load_datasets(folder / fname)
+        for b, fingerprint in entry["fingerprints"].items():
+            assert dataset_fingerprint(datasets[b]) == fingerprint, (fname, b)  # the file is intact
+            if same_torch:  # and the generator still produces it (RNG streams may change across torch releases)
+                want = behaviour_dataset(make_task_tree(task_specs("full")[entry["task"]["name"]], entry["seed"]), b, manifest["size"], seed=entry["seed"])
+                assert dataset_fingerprint(want) == fingerprint, (fname, b)
+
+
 def _micro_config() -> SuiteConfig:
-    return SuiteConfig(scale="quick", seeds=(0,), steps=3, eval_every=1, sizes=(8, 16), neural_sizes=(16,),
+    return SuiteConfig(scale="quick", seeds=(0,), steps=1, eval_every=1, sizes=(8, 16), neural_sizes=(16,),
                        tabular_lrs=(0.1,), neural_lrs=(0.01,), frontier_betas=(0.5, 1.0))
 
 
@@ -233,7 +250,7 @@ def test_suite_results_cover_every_method_task_behaviour_and_parameterisation(tm
     assert {p["method"] for p in results["frontier"]["points"]} == set(METHODS)
     json_path, md_path = write_results(results, tmp_path)
     reread = json.loads(json_path.read_text())  # strict JSON: no NaN
-    assert reread["meta"]["config"]["steps"] == 3
+    assert reread["meta"]["config"]["steps"] == 1
     md = md_path.read_text()
     assert "## Headline" in md and "ShiQ (full path)" in md and "exact π\\*" in md
 

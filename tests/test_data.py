@@ -61,6 +61,9 @@ def test_pretokenised_rows_are_used_as_they_are(tok):
     assert ds[0]["input_ids"] == [5, 6, 7, 8, 9]
     assert ds[0]["action_mask"] == [0, 0, 0, 1, 1]
     assert ds[0]["token_rewards"] == [0, 0, 0, 0, 1.0]
+    with pytest.warns(UserWarning, match="1 of 2 responses did not finish"):
+        tokenize_dataset([{"prompt_ids": [5], "completion_ids": [8, tok.eos_token_id], "reward": 1.0, "finished": True},
+                          {"prompt_ids": [5], "completion_ids": [8, 9], "reward": 0.0, "finished": False}], tok)
 
 
 def test_multiturn_masks_user_turns_and_puts_each_turn_reward_on_its_last_token(tok):

@@ -131,7 +131,8 @@ def write_datasets(out_dir: str | Path, *, scale: str = "full", seeds: list[int]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest: dict = {"scale": scale, "seeds": list(seeds), "size": size, "behaviours": list(BEHAVIOURS), "files": {}}
+    manifest: dict = {"scale": scale, "seeds": list(seeds), "size": size, "behaviours": list(BEHAVIOURS), "files": {},
+                      "torch": torch.__version__.split("+")[0]}
     for name, spec in task_specs(scale).items():
         for seed in seeds:
             tree = make_task_tree(spec, seed)
