@@ -32,9 +32,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .cpu import cpu_threads
 from .sampling import RewardFn, Samples, sample_completions, score_samples
 
 __all__ = [
+    "FRONTIER_COLUMNS",
     "SequenceStats",
     "sequence_stats",
     "PolicyEval",
@@ -422,6 +424,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt_seed", type=int, default=1, help="seed of the held-out prompt pick")
     p.add_argument("--reward", choices=("prob", "logit"), default="prob", help="P(positive) or its log-odds")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--cpu_threads", type=int, default=1, help="torch threads on the CPU (small models: 1 is fastest; 0 = torch's setting)")
     p.add_argument("--out", default=None, help="folder for frontier.csv/json/html (default: RUN_DIR/frontier or ./frontier)")
     return p
 
@@ -457,9 +460,10 @@ def cli_main(argv: list[str] | None = None) -> int:
     reference, tokenizer = load_model(reference_name, device=device)
     reward = SentimentReward(load_reward_model(), kind=args.reward)
     prompts = imdb_prompts("test", args.n_prompts, n_words=args.n_words, seed=args.prompt_seed)
-    frame = evaluate_checkpoints(specs, reference, tokenizer, prompts, reward,
-                                 samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
-                                 batch_size=args.batch_size, seed=args.seed)
+    with cpu_threads((args.cpu_threads or None) if device == "cpu" else None):
+        frame = evaluate_checkpoints(specs, reference, tokenizer, prompts, reward,
+                                     samples_per_prompt=args.samples_per_prompt, max_new_tokens=args.max_new_tokens,
+                                     batch_size=args.batch_size, seed=args.seed)
     out = Path(args.out) if args.out else (Path(args.run_dir) / "frontier" if args.run_dir else Path("frontier"))
     paths = save_frontier(frame, out)
     with pd.option_context("display.width", 160, "display.max_columns", 20):

@@ -36,8 +36,10 @@ import pandas as pd
 import torch
 from datasets import Dataset, load_from_disk
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
 
 from . import imdb_model  # noqa: F401 -- registers "imdb-small"
+from .cpu import cpu_threads as use_cpu_threads
 from .evaluation import FRONTIER_COLUMNS, PolicyEval, evaluate_policy, pareto_mask, save_frontier
 from .imdb import imdb_prompts
 from .losses import LOSS_TYPES
@@ -68,6 +70,7 @@ def offline_dataset(
     batch_size: int = 64,
     device: str | None = None,
     cache: bool = True,
+    cpu_threads: int | None = 1,
 ) -> Dataset:
     """Responses sampled from ``model`` (the reference) to train-side IMDB prompts, with their rewards.
 
@@ -75,6 +78,7 @@ def offline_dataset(
     ``group``, ``prompt_ids``, ``completion_ids``, ``finished``). Saved once under
     ``<cache>/imdb_data/`` and reloaded for the same arguments and the same model weights. This is
     the function a ``shiq-lab train`` config names: ``dataset: shiq_lab.imdb_task:offline_dataset``.
+    ``cpu_threads`` applies while sampling on the CPU.
     """
     settings = dict(model=model, n_prompts=n_prompts, samples_per_prompt=samples_per_prompt, n_words=n_words,
                     max_new_tokens=max_new_tokens, seed=seed, reward=reward, batch_size=batch_size)
@@ -86,8 +90,9 @@ def offline_dataset(
     reference, tokenizer = load_model(model, device=device)
     prompts = imdb_prompts("train", n_prompts, n_words=n_words, seed=seed)
     reward_fn = SentimentReward(load_reward_model(), kind=reward)
-    ds = build_offline_dataset(reference, tokenizer, prompts, reward_fn, samples_per_prompt=samples_per_prompt,
-                               max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+    with use_cpu_threads(cpu_threads if device == "cpu" else None):
+        ds = build_offline_dataset(reference, tokenizer, prompts, reward_fn, samples_per_prompt=samples_per_prompt,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
     if cache:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.with_name(folder.name + ".tmp")
@@ -129,6 +134,7 @@ class ImdbTaskConfig:
     # where and how
     output_dir: str = "runs/imdb"
     device: str = "cpu"
+    cpu_threads: int | None = 1  # torch threads of a CPU run (small models: 1 is fastest); None: torch's setting
     dtype: str = "float32"
     save_models: bool = True
     seed: int = 0
@@ -223,6 +229,7 @@ def train_run(
         f"   {loss_type:4s} beta={beta:<5g} step {s:4d}: reward {r.reward_mean:.3f}  KL {r.kl_states_mean:.3f}"))
     start = time.perf_counter()
     trainer = ShiQTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+    trainer.remove_callback(PrinterCallback)  # the per-step dicts: they are in the returned history
     trainer.train()
     seconds = time.perf_counter() - start
     if config.save_models:
@@ -268,7 +275,15 @@ class ImdbTaskResult:
 
 
 def run_imdb_task(config: ImdbTaskConfig = ImdbTaskConfig(), *, log: Callable[[str], None] = print) -> ImdbTaskResult:
-    """The whole task: classifier -> offline data -> every (loss type, beta) -> frontier (saved)."""
+    """The whole task: classifier -> offline data -> every (loss type, beta) -> frontier (saved).
+
+    ``log`` receives one line per step of the pipeline and per frontier point.
+    """
+    with use_cpu_threads(config.cpu_threads if config.device == "cpu" else None):
+        return _run(config, log)
+
+
+def _run(config: ImdbTaskConfig, log: Callable[[str], None]) -> ImdbTaskResult:
     start = time.perf_counter()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)

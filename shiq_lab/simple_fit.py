@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from .encoding import Prompt, Response, encode_responses, pad_batch
 from .losses import shiq_loss, token_logprobs
-from .token_values import Rewards, resolve_rewards
+from .token_values import Rewards, eval_mode, resolve_rewards
 
 __all__ = ["FitHistory", "fit_sft", "fit_shiq"]
 
@@ -119,7 +119,7 @@ def fit_shiq(
         r[b, e.start - 1 : e.start - 1 + e.n_rows] = torch.as_tensor(rew, dtype=torch.float32, device=device)
 
     ref_model = reference if reference is not None else model
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(ref_model):
         ref_logp, ref_logz = _logprobs(ref_model, batch)
 
     def loss() -> tuple[torch.Tensor, dict]:

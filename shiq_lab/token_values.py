@@ -47,6 +47,7 @@ __all__ = [
     "token_values",
     "with_beta",
     "resolve_rewards",
+    "eval_mode",
 ]
 
 #: columns that depend on beta (recomputed by :func:`with_beta`) and their meaning
@@ -143,6 +144,20 @@ class _States:
             return self.full[i0:i1].to(device=device, dtype=torch.float32)
         with self.source.context():
             return self.source.model.get_output_embeddings()(self.hidden[i0:i1]).to(device=device, dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Models in eval mode (no dropout) for the duration; each gets its own mode back afterwards."""
+    models = tuple(m for m in models if m is not None)
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
 
 
 def _resolve_reference(model: torch.nn.Module, reference: Any) -> Any:
@@ -337,18 +352,14 @@ def token_values(
     reward_rows = resolve_rewards(rewards, encoded)
     ref = _resolve_reference(model, reference)
     policy = _LogitSource(model)
-    was_training = model.training
-    model.eval()
-    try:
-        flats = []
+    flats = []
+    with eval_mode(model, ref.model if isinstance(ref, _LogitSource) else None):
         for b0, flat in _score(policy, ref, encoded, _pad_id(tokenizer), top_k=top_k, batch_size=batch_size,
                                chunk_tokens=chunk_tokens):
             if isinstance(ref, ReferenceStats):
                 idx = list(range(b0, min(b0 + batch_size, len(encoded))))
                 _lookup_reference(ref, idx, encoded[b0 : b0 + batch_size], flat)
             flats.append(flat)
-    finally:
-        model.train(was_training)
     flat = {k: np.concatenate([f[k] for f in flats]) for k in flats[0]}
     df = _frame(flat, encoded, reward_rows, _decoder(tokenizer))
     df.attrs.update({"top_k": top_k, "reference": "stats" if isinstance(ref, ReferenceStats) else
@@ -455,10 +466,8 @@ def reference_stats(
     _check_sizes(1.0, candidates, batch_size, chunk_tokens)
     encoded = encode_responses(tokenizer, prompt, responses, add_eos=add_eos, end_of_turn=end_of_turn)
     source = _LogitSource(reference)
-    was_training = reference.training
-    reference.eval()
     stats = ReferenceStats([], [], [], [], [])
-    try:
+    with eval_mode(reference):
         for b0, flat in _score(source, None, encoded, _pad_id(tokenizer), top_k=candidates, batch_size=batch_size,
                                chunk_tokens=chunk_tokens):
             group = encoded[b0 : b0 + batch_size]
@@ -469,6 +478,4 @@ def reference_stats(
                 stats.logz.append(lz.astype(np.float64))
                 stats.cand_ids.append(ci.astype(np.int64))
                 stats.cand_logp.append(cl.astype(np.float64))
-    finally:
-        reference.train(was_training)
     return stats

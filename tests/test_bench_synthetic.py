@@ -56,9 +56,9 @@ def test_batched_adam_is_torch_adam_per_copy() -> None:
 def test_forest_trains_each_copy_as_if_alone() -> None:
     """Two runs (other tree, data size and lr) side by side follow their standalone trajectories."""
     trees = [_quick_tree("multiturn", 0), _quick_tree("multiturn", 1)]
-    datas = [behaviour_dataset(trees[0], "uniform", 40, seed=0), behaviour_dataset(trees[1], "skewed", 100, seed=1)]
+    datas = [behaviour_dataset(trees[0], "uniform", 40, seed=0), behaviour_dataset(trees[1], "mix", 100, seed=1)]
     lrs = [0.1, 0.3]
-    for method in ("shiq", "dro", "dpo"):  # token-mean, sequence-mean and pair-mean losses
+    for method in ("shiq", "dro", "copg"):  # token-mean, sequence-mean and pair-mean losses
         forest = stack_trees(trees)
         merged, rows = stack_datasets(forest, datas)
         pol = TabularPolicy(forest)
@@ -71,6 +71,21 @@ def test_forest_trains_each_copy_as_if_alone() -> None:
             n = forest.states_per_copy
             assert torch.allclose(together.final_table[k * n:(k + 1) * n], alone.final_table, atol=1e-9), method
             assert math.isclose(float(together.final("normalised_return")[k]), float(alone.final("normalised_return")[0]), abs_tol=1e-9)
+
+
+def test_forest_of_neural_policies_trains_each_copy_as_if_alone() -> None:
+    trees = [_quick_tree("token", 0), _quick_tree("token", 1)]
+    datas = [behaviour_dataset(trees[0], "uniform", 40, seed=0), behaviour_dataset(trees[1], "mix", 100, seed=1)]
+    forest = stack_trees(trees)
+    merged, rows = stack_datasets(forest, datas)
+    together = train_forest(NeuralPolicy(forest, [5, 6]), "shiq", forest, merged, rows, beta=0.5,
+                            lr=torch.tensor([0.01, 0.003], dtype=torch.float64), steps=6)
+    alone_forest = stack_trees([trees[1]])
+    alone_data, alone_rows = stack_datasets(alone_forest, [datas[1]])
+    alone = train_forest(NeuralPolicy(alone_forest, [6]), "shiq", alone_forest, alone_data, alone_rows, beta=0.5,
+                         lr=torch.tensor([0.003], dtype=torch.float64), steps=6)
+    assert torch.allclose(together.final_table[forest.states_per_copy:], alone.final_table, atol=1e-4)
+    assert float((together.final_table[forest.states_per_copy:] - trees[1].ref_logits).abs().max()) > 1e-3  # it moved
 
 
 def test_stack_trees_rejects_mismatched_shapes() -> None:
@@ -220,7 +235,7 @@ def test_committed_data_files_match_the_generator() -> None:
     """data/synthetic/ holds what `python -m shiq_lab.bench synthetic-data` writes with this code."""
     folder = ROOT / "data" / "synthetic"
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["seeds"] == list(SuiteConfig().seeds) and manifest["size"] == SuiteConfig().main_size
+    assert manifest["seeds"] == list(SuiteConfig().seeds) and manifest["size"] == SuiteConfig().largest_size
     same_torch = manifest["torch"] == torch.__version__.split("+")[0]
     for fname, entry in manifest["files"].items():
         tree, datasets = load_datasets(folder / fname)
@@ -232,7 +247,7 @@ def test_committed_data_files_match_the_generator() -> None:
 
 
 def _micro_config() -> SuiteConfig:
-    return SuiteConfig(scale="quick", seeds=(0,), steps=1, eval_every=1, sizes=(8, 16), neural_sizes=(16,),
+    return SuiteConfig(scale="quick", seeds=(0,), steps=1, eval_every=1, main_size=16, sizes=(8, 16, 24), neural_sizes=(16,),
                        tabular_lrs=(0.1,), neural_lrs=(0.01,), frontier_betas=(0.5, 1.0))
 
 

@@ -69,11 +69,20 @@ def lab(tmp_path):
     root.mkdir()
     shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
     port, token = _free_port(), secrets.token_hex(16)
+    settings = tmp_path / "lab-settings"
+    tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
+    tracker.parent.mkdir(parents=True)
+    tracker.write_text(json.dumps({"windowingMode": "none"}))  # render every cell, not only the visible ones
+    notices = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notices.parent.mkdir(parents=True)
+    notices.write_text(json.dumps({"fetchNews": "false", "checkForUpdates": False}))  # no news pop-up, no network
     env = {
         **os.environ,
         "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
         "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
         "IPYTHONDIR": str(tmp_path / "ipython"),
+        "JUPYTERLAB_SETTINGS_DIR": str(settings),
+        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "workspaces"),
         "SHIQ_LAB_RUNS": str(tmp_path / "runs"),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),  # tiny models: threads only contend
         "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -81,7 +90,7 @@ def lab(tmp_path):
     log = tmp_path / "jupyterlab.log"
     cmd = [str(jupyter), "lab", "--no-browser", "--ServerApp.open_browser=False", "--ServerApp.ip=127.0.0.1",
            f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-           f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=",
+           f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
            "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
            f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}", "--LabApp.extension_manager=readonly"]
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -118,7 +127,8 @@ _NOTEBOOK_STATE = """() => {
     if (cell.type !== 'code') continue;
     const outputs = cell.outputs.toJSON();
     cells.push({count: cell.executionCount, errors: outputs.filter(o => o.output_type === 'error')
-                  .map(o => o.ename + ': ' + o.evalue)});
+                  .map(o => o.ename + ': ' + o.evalue),
+                plotly: outputs.filter(o => o.data && o.data['application/vnd.plotly.v1+json']).length});
   }
   return {kernel: kernel ? kernel.status : null, cells};
 }"""
@@ -158,8 +168,16 @@ def test_notebook_02_runs_in_jupyterlab_and_the_explorer_reacts(lab, tmp_path) -
 
             page.wait_for_selector(".shiq-explorer .shiq-strip .js-plotly-plot", timeout=60_000)
             page.wait_for_selector(".shiq-explorer .widget-toggle-button", timeout=60_000)
-            n_plots = page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")
-            assert n_plots >= 4, f"expected the notebook's plotly figures, found {n_plots}"
+            n_figures = sum(c["plotly"] for c in state["cells"])
+            rendered = page.evaluate("() => document.querySelectorAll('.jp-RenderedPlotly').length")
+            # every figure is handled by JupyterLab's plotly extension (the notebook's and the explorer's)
+            assert n_figures >= 5 and rendered >= n_figures + 1, f"{n_figures} figures in outputs, {rendered} rendered"
+            # figures carrying a PNG copy show it first and turn interactive on hover (the extension's design)
+            drawn = page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")
+            first = page.locator(".jp-Notebook .jp-RenderedPlotly").first
+            first.scroll_into_view_if_needed()
+            first.hover()
+            page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length > {drawn}", timeout=30_000)
             before = page.evaluate(_STRIP)
             assert before["name"].endswith(": advantage")
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from fake_lm import FakeLM, constant_table
 
+from shiq_lab.cpu import cpu_threads
 from shiq_lab.evaluation import (
     FRONTIER_COLUMNS,
     CheckpointSpec,
@@ -21,6 +22,13 @@ from shiq_lab.evaluation import (
 )
 from shiq_lab.models import load_model, load_tokenizer
 from shiq_lab.sampling import sample_completions
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models run fastest on one thread (shiq_lab.cpu); restored after the module."""
+    with cpu_threads(1):
+        yield
 
 
 def _word_count(prompts, completions):

@@ -34,6 +34,14 @@ def frame():
                         reference=ref, beta=0.5, rewards=word_reward(tok, "great"), top_k=3)
 
 
+@pytest.fixture()
+def plotly_defaults():
+    """configure_plotly changes plotly's global defaults: give the other tests theirs back."""
+    renderer, template = pio.renderers.default, pio.templates.default
+    yield
+    pio.renderers.default, pio.templates.default = renderer, template
+
+
 def _cells(fig, trace):
     z = np.array(fig.data[trace].z, dtype=float)
     text = np.array(fig.data[trace].text, dtype=object)
@@ -105,7 +113,7 @@ def test_topk_bars_show_alternatives_and_the_taken_token(frame) -> None:
     assert list(fig.data[0].marker.color).count("#ff7f0e") == 1
 
 
-def test_offline_renderers_reference_no_cdn() -> None:
+def test_offline_renderers_reference_no_cdn(plotly_defaults) -> None:
     from shiq_lab.figures import _html_renderer
 
     assert configure_plotly(png=False) == "plotly_mimetype"  # outside a kernel: no HTML copy to inline into
@@ -120,9 +128,8 @@ def token_strip_stub():  # a small figure: the renderers, not the content, are u
 
 
 @pytest.mark.skipif(chromium_path() is None, reason="no chromium installed (make browser-deps): PNG copies need one")
-def test_png_copies_of_figures_with_kaleido() -> None:
+def test_png_copies_of_figures_with_kaleido(plotly_defaults) -> None:
     assert configure_plotly() == "plotly_mimetype+shiq_png"
     bundle = pio.renderers._build_mime_bundle(token_strip_stub().to_dict(), renderers_string=None)
     png = base64.b64decode(bundle["image/png"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
-    configure_plotly(png=False)

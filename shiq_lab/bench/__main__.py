@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         from .tasks import write_datasets
 
         seeds = list(args.seeds if args.seeds else preset.seeds)
-        path = write_datasets(args.out, scale=preset.scale, seeds=seeds, size=preset.main_size)
-        print(f"wrote {path.parent} ({preset.scale} trees, seeds {seeds}, {preset.main_size} paths per behaviour)")
+        path = write_datasets(args.out, scale=preset.scale, seeds=seeds, size=preset.largest_size)
+        print(f"wrote {path.parent} ({preset.scale} trees, seeds {seeds}, {preset.largest_size} paths per behaviour)")
         return 0
     try:
         cfg = with_overrides(preset, seeds=args.seeds, budget=args.budget)

@@ -21,7 +21,7 @@ from .forest import Forest, per_copy_mean
 from .metrics import policy_metrics
 from .sequence_baselines import SEQUENCE_LOSSES, order_by_return, prompt_pairs, sequence_loss
 
-__all__ = ["METHODS", "TablePolicy", "TabularPolicy", "BatchedAdam", "TrainResult", "method_loss", "calibration_residual", "train_forest"]
+__all__ = ["METHODS", "TablePolicy", "TabularPolicy", "BatchedAdam", "TrainResult", "method_loss", "forest_pairs", "calibration_residual", "train_forest"]
 
 #: every method of the benchmark: name -> description
 METHODS: dict[str, str] = {**TOKEN_LOSSES, **SEQUENCE_LOSSES}
@@ -121,6 +121,23 @@ def method_loss(
     raise ValueError(f"method={method!r}: choose one of {sorted(METHODS)}")
 
 
+_PAIRED = ("dpo", "dpo_bt", "copg")
+
+
+def forest_pairs(data: OfflineDataset, copy_of_row: torch.Tensor, forest: Forest, *, seed: int = 0) -> torch.Tensor:
+    """[M, 2] rows answering one prompt (:func:`prompt_pairs`), drawn copy by copy.
+
+    Each copy is paired as if it were trained alone (same seed, its own prompt numbering), so a
+    forest run sees exactly the pairs of the standalone run.
+    """
+    out = []
+    for k in range(forest.copies):
+        rows = torch.nonzero(copy_of_row == k).flatten()
+        local = prompt_pairs(data.prompts[rows] - k * forest.prompts_per_copy, seed=seed)
+        out.append(rows[local])
+    return torch.cat(out)
+
+
 def _copy_gradient_scale(method: str, data: OfflineDataset, copy_of_row: torch.Tensor, copies: int, pairs: torch.Tensor | None) -> torch.Tensor:
     """[K] factor that turns copy k's share of the forest's mean loss back into its own mean loss.
 
@@ -161,7 +178,7 @@ def calibration_residual(method: str, policy: TablePolicy, forest: Forest, data:
     """
     silent = OfflineDataset(data.states, data.actions, torch.zeros_like(data.rewards), data.mask, data.prompts, data.lengths)
     values = torch.zeros(forest.tree.num_prompts, dtype=data.rewards.dtype)  # V_phi = 0 matches R = 0
-    pairs = prompt_pairs(data.prompts) if method in ("dpo", "dpo_bt", "copg") else None
+    pairs = forest_pairs(data, copy_of_row, forest) if method in _PAIRED else None
     # DPO's residual (beta * log-ratio) does not involve the rewards, which only order the pairs:
     # zeroed rewards would tie every pair and leave none.
     source = data if method == "dpo" else silent
@@ -202,7 +219,7 @@ def train_forest(
     if method == "dro":
         values = torch.zeros(k, forest.prompts_per_copy, dtype=forest.tree.ref_logits.dtype, requires_grad=True)
         params.append(values)
-    pairs = prompt_pairs(data.prompts, seed=pair_seed) if method in ("dpo", "dpo_bt", "copg") else None
+    pairs = forest_pairs(data, copy_of_row, forest, seed=pair_seed) if method in _PAIRED else None
     opt = BatchedAdam(params, lr)
     scale = _copy_gradient_scale(method, data, copy_of_row, k, pairs)
 

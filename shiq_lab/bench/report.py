@@ -26,7 +26,7 @@ def fmt(mean: float | None, std: float | None = None, digits: int = 3) -> str:
 
 
 def _selected_main(results: dict) -> list[dict]:
-    main = max(results["meta"]["config"]["sizes"])
+    main = results["meta"]["config"]["main_size"]
     sel = results["selected_lr"]
     return [r for r in results["runs"] if r["size"] == main and r["lr"] == sel[r["param"]][r["task"]][r["method"]][r["behaviour"]]]
 
@@ -140,7 +140,7 @@ def render_markdown(results: dict) -> str:
         "# Synthetic benchmark: ShiQ against its ablations and DPO / DRO / CoPG",
         "",
         f"Scale `{cfg['scale']}`, seeds {list(cfg['seeds'])}, beta = {cfg['beta']}, budget {cfg['steps']} full-batch Adam steps "
-        f"per run, main dataset size {max(cfg['sizes'])} sequences. Wall time {meta['wall_time_s']:.0f} s "
+        f"per run, main dataset size {cfg['main_size']} sequences. Wall time {meta['wall_time_s']:.0f} s "
         f"(CPU time {meta.get('cpu_time_s', float('nan')):.0f} s) on {mach['processor']} ({mach['platform']}), "
         f"{mach['threads']} thread, torch {mach['torch']}.",
         "",
@@ -155,6 +155,14 @@ def render_markdown(results: dict) -> str:
         "## Headline: normalised return at the main size (mean over tasks)",
         "",
         headline_table(results),
+        "",
+        "## Early stopping: best normalised return along the learning curve (mean over tasks)",
+        "",
+        "The same runs read at their best evaluation instead of their last (an oracle stopping time). It matters for "
+        "DPO with pairs ordered by return, whose loss has no finite minimiser: it passes near pi_ref's improvement "
+        "and then overshoots.",
+        "",
+        headline_table(results, key="peak_normalised_return"),
         "",
     ]
     if "tabular" in cfg["parameterisations"] and len(cfg["sizes"]) > 1:
@@ -243,6 +251,8 @@ def key_numbers(results: dict) -> dict[str, float]:
         "shiq_tabular_offpolicy_kl_max": max(val("tabular", t, "shiq", b, "kl_states_mean") for t in tasks for b in off),
         "unshifted_tabular_max": max(val("tabular", t, m, b) for t in tasks for m in ("naive", "scoring") for b in cfg["behaviours"]),
         "dpo_minus_shiq_tabular_uniform_max": max(val("tabular", t, "dpo", "uniform") - val("tabular", t, "shiq", "uniform") for t in tasks),
+        "dpo_peak_tabular_uniform_mean": sum(val("tabular", t, "dpo", "uniform", "peak_normalised_return_mean") for t in tasks) / len(tasks),
+        "dpo_peak_minus_final_tabular_uniform_min": min(val("tabular", t, "dpo", "uniform", "peak_normalised_return_mean") - val("tabular", t, "dpo", "uniform") for t in tasks),
         "dpo_bt_copg_gap_tabular_offpolicy_max": max(abs(val("tabular", t, "dpo_bt", b) - val("tabular", t, "copg", b)) for t in tasks for b in off),
         "skewed_tabular_best": max(val("tabular", t, m, "skewed") for t in tasks for m in cfg["methods"]),
         # among the methods that reach pi* with full coverage: what the skewed data's coverage costs

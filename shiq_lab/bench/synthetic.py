@@ -8,11 +8,11 @@ same number of steps, for each task, behaviour policy and seed, with two policy 
 
 Protocol (also written into the results):
 
-1. Learning-rate sweep at the main dataset size (the largest of ``sizes``); for each
+1. Learning-rate sweep at the main dataset size (``main_size``); for each
    (parameterisation, task, method, behaviour) the learning rate with the best final normalised
    return, averaged over seeds, is kept. This oracle selection gives every method its best shot.
-2. Data efficiency (``sizes``): the same runs on the nested smaller datasets at the kept learning
-   rate; :func:`~shiq_lab.bench.metrics.sequences_to_target` reads off how many sequences reach 99 %
+2. Data efficiency (``sizes``): the same runs on nested smaller and larger datasets at the kept
+   learning rate; :func:`~shiq_lab.bench.metrics.sequences_to_target` reads off how many sequences reach 99 %
    of the optimal improvement (or of the method's own plateau).
 3. Reward-KL frontier: one task and behaviour, a sweep of beta, each method at its kept learning rate,
    next to the exact optimum's frontier.
@@ -51,8 +51,9 @@ _FINAL_KEYS = ("kl_states", "kl_seq", "kl_ref", "reward", "return", "optimal_ret
 class SuiteConfig:
     """Everything that defines a run of the suite (stored in the results' ``meta.config``).
 
-    ``steps`` is the training budget of every run (full-batch Adam steps); ``sizes`` the nested
-    dataset sizes of the data-efficiency sweep, the largest being the main size;
+    ``steps`` is the training budget of every run (full-batch Adam steps); ``main_size`` the
+    dataset size of the learning-rate sweep, the tables and the frontier; ``sizes`` the nested
+    dataset sizes of the data-efficiency sweep (tabular; it contains ``main_size``);
     ``neural_sizes`` the sizes also run with the neural policy (by default only the main size).
     """
 
@@ -61,7 +62,8 @@ class SuiteConfig:
     beta: float = 0.5
     steps: int = 200
     eval_every: int = 20
-    sizes: tuple[int, ...] = (32, 64, 128, 256, 512)
+    main_size: int = 512
+    sizes: tuple[int, ...] = (32, 64, 128, 256, 512, 1024, 2048)
     neural_sizes: tuple[int, ...] = (512,)
     tabular_lrs: tuple[float, ...] = (0.03, 0.1, 0.3)
     neural_lrs: tuple[float, ...] = (0.001, 0.003, 0.01)
@@ -80,7 +82,7 @@ class SuiteConfig:
     @classmethod
     def quick(cls) -> "SuiteConfig":
         """Small trees, one seed, one learning rate, short budget: the whole suite in under a minute on one core."""
-        return cls(scale="quick", seeds=(0,), steps=60, eval_every=10, sizes=(32, 128, 512), neural_sizes=(512,),
+        return cls(scale="quick", seeds=(0,), steps=60, eval_every=10, main_size=512, sizes=(32, 128, 512), neural_sizes=(512,),
                    tabular_lrs=(0.3,), neural_lrs=(0.01,), frontier_betas=(0.25, 1.0, 4.0))
 
     def validate(self) -> None:
@@ -98,13 +100,16 @@ class SuiteConfig:
             raise ValueError(f"steps={self.steps}: the budget must be at least 1 optimiser step")
         if list(self.sizes) != sorted(set(self.sizes)) or self.sizes[0] < 2:
             raise ValueError(f"sizes={self.sizes}: need strictly increasing dataset sizes >= 2")
-        if not set(self.neural_sizes) <= set(self.sizes) or max(self.sizes) not in self.neural_sizes:
-            raise ValueError(f"neural_sizes={self.neural_sizes}: must be among sizes={self.sizes} and include the main size {max(self.sizes)}")
+        if self.main_size not in self.sizes:
+            raise ValueError(f"main_size={self.main_size} must be one of sizes={self.sizes}")
+        if not set(self.neural_sizes) <= set(self.sizes) or self.main_size not in self.neural_sizes:
+            raise ValueError(f"neural_sizes={self.neural_sizes}: must be among sizes={self.sizes} and include main_size={self.main_size}")
         if self.frontier_task not in self.tasks or self.frontier_behaviour not in self.behaviours:
             raise ValueError(f"frontier_task={self.frontier_task!r} / frontier_behaviour={self.frontier_behaviour!r} must be among tasks / behaviours")
 
     @property
-    def main_size(self) -> int:
+    def largest_size(self) -> int:
+        """Size of the datasets drawn per (task, seed, behaviour); every smaller one is a prefix."""
         return max(self.sizes)
 
     def lrs(self, param: str) -> tuple[float, ...]:
@@ -142,7 +147,8 @@ def _train_copies(
     """Train one forest (one copy per entry of ``copies``) and return one record per copy."""
     forest = stack_trees([data.trees[c.seed] for c in copies])
     merged, copy_of_row = stack_datasets(forest, [data.pools[(c.seed, c.behaviour)].subset(slice(0, c.size)) for c in copies])
-    policy = _make_policy(param, forest, [1000 * c.seed + i for i, c in enumerate(copies)], cfg)
+    # one initial network per (seed, behaviour): every method, learning rate and size starts from it
+    policy = _make_policy(param, forest, [1000 * c.seed + BEHAVIOURS.index(c.behaviour) for c in copies], cfg)
     calib = calibration_residual(method, policy, forest, merged, copy_of_row, beta=beta, nstep=cfg.nstep)
     lr = torch.tensor([c.lr for c in copies], dtype=torch.float64)
     result = train_forest(policy, method, forest, merged, copy_of_row, beta=beta, lr=lr, steps=cfg.steps,
@@ -152,7 +158,9 @@ def _train_copies(
         records.append({
             "param": param, "task": task, "method": method, "behaviour": c.behaviour, "seed": c.seed,
             "lr": c.lr, "size": c.size, "beta": beta,
-            "final": {key: _finite(float(result.final(key)[k])) for key in _FINAL_KEYS},
+            "final": {**{key: _finite(float(result.final(key)[k])) for key in _FINAL_KEYS},
+                      # best point of the learning curve: what early stopping on the true metric would give
+                      "peak_normalised_return": _finite(float(result.curves["normalised_return"][:, k].nan_to_num(nan=-math.inf).max()))},
             "calibration_residual": _finite(float(calib[k])),
             "curve": {"step": result.steps, **{key: [_finite(float(v)) for v in result.curves[key][:, k]] for key in _CURVE_KEYS}},
         })
@@ -173,7 +181,7 @@ def _select_lr(records: list[dict], lrs: tuple[float, ...]) -> float:
 
 
 def _run_method(param: str, task: str, method: str, data: _TaskData, cfg: SuiteConfig, selected: dict) -> list[dict]:
-    """Learning-rate sweep at the main size, then the smaller sizes at the kept learning rate.
+    """Learning-rate sweep at the main size, then the other dataset sizes at the kept learning rate.
 
     With a single learning rate there is nothing to select, and both passes share one forest.
     """
@@ -185,9 +193,9 @@ def _run_method(param: str, task: str, method: str, data: _TaskData, cfg: SuiteC
     main = [r for r in recs if r["size"] == cfg.main_size]
     chosen = {b: _select_lr([r for r in main if r["behaviour"] == b], lrs) for b in cfg.behaviours}
     selected.setdefault(param, {}).setdefault(task, {})[method] = chosen
-    smaller = [n for n in sizes if n not in first_sizes]
-    if smaller:
-        recs += _train_copies(param, task, method, [_Copy(s, b, chosen[b], n) for s, b in cells for n in smaller], data, cfg, beta=cfg.beta)
+    others = [n for n in sizes if n not in first_sizes]
+    if others:
+        recs += _train_copies(param, task, method, [_Copy(s, b, chosen[b], n) for s, b in cells for n in others], data, cfg, beta=cfg.beta)
     for r in recs:  # learning curves are kept for the selected runs at the main size only (a small JSON)
         if r["size"] != cfg.main_size or r["lr"] != chosen[r["behaviour"]]:
             r.pop("curve")
@@ -199,7 +207,7 @@ def _task_data(task: str, cfg: SuiteConfig) -> _TaskData:
     data = _TaskData(trees={s: make_task_tree(spec, s) for s in cfg.seeds})
     for s in cfg.seeds:
         for b in cfg.behaviours:
-            data.pools[(s, b)] = behaviour_dataset(data.trees[s], b, cfg.main_size, seed=s)
+            data.pools[(s, b)] = behaviour_dataset(data.trees[s], b, cfg.largest_size, seed=s)
     return data
 
 
@@ -297,7 +305,7 @@ def summary_rows(results: dict) -> list[dict]:
     seed-averaged normalised return of each dataset size).
     """
     cfg = results["meta"]["config"]
-    main = max(cfg["sizes"])
+    main = cfg["main_size"]
     groups: dict[tuple[str, str, str, str], list[dict]] = {}
     for r in results["runs"]:
         lr = results["selected_lr"][r["param"]][r["task"]][r["method"]][r["behaviour"]]
@@ -309,7 +317,7 @@ def summary_rows(results: dict) -> list[dict]:
         calib = [r["calibration_residual"] for r in at_main]
         row = {"param": param, "task": task, "method": method, "behaviour": behaviour,
                "lr": at_main[0]["lr"], "size": main, "seeds": len(at_main),
-               **_mean_std(at_main, _FINAL_KEYS),
+               **_mean_std(at_main, (*_FINAL_KEYS, "peak_normalised_return")),
                "calibration_residual_mean": None if any(c is None for c in calib) else _finite(sum(calib) / len(calib))}
         sizes = sorted({r["size"] for r in recs})
         if len(sizes) > 1:
