@@ -104,3 +104,36 @@ def test_shiq_lab_train_and_evaluate_with_the_imdb_config(tmp_path):
     # loss type and beta come from the Trainer's saved arguments, the step from its state
     assert set(checkpoints["loss_type"]) == {"shiq"} and set(checkpoints["beta"]) == {0.1}
     assert {1, 2} <= set(checkpoints["step"])
+
+
+def test_config_errors_name_the_field():
+    from shiq_lab.imdb_task import ImdbTaskConfig
+
+    with pytest.raises(ValueError, match="loss_types"):
+        ImdbTaskConfig(loss_types=("shiq", "ppo"))
+    with pytest.raises(ValueError, match="betas"):
+        ImdbTaskConfig(betas=(0.1, -1.0))
+    with pytest.raises(ValueError, match="samples_per_prompt=1"):
+        ImdbTaskConfig(loss_types=("dpo",), samples_per_prompt=1)
+    with pytest.raises(ValueError, match="batch_size=1"):
+        ImdbTaskConfig(batch_size=1, samples_per_prompt=2)
+    assert ImdbTaskConfig(loss_types=("shiq",), samples_per_prompt=1).betas == (0.1, 0.5)
+
+
+def test_module_cli_reads_yaml_and_flags(tmp_path, capsys):
+    from shiq_lab.imdb_task import main
+
+    config = Path(__file__).resolve().parent.parent / "configs" / "imdb_sweep_tiny.yaml"
+    out = tmp_path / "sweep"
+    assert main(["--config", str(config), "--model", "tiny", "--loss_types", "[shiq]", "--betas", "[0.5]",
+                 "--n_train_prompts", "4", "--samples_per_prompt", "2", "--max_new_tokens", "4", "--max_steps", "1",
+                 "--eval_every", "1", "--batch_size", "4", "--n_eval_prompts", "2", "--eval_samples_per_prompt", "1",
+                 "--output_dir", str(out)]) == 0
+    frontier = pd.read_csv(out / "frontier" / "frontier.csv")
+    assert frontier["loss_type"].tolist() == ["reference", "shiq"]
+    assert json.loads((out / "config.json").read_text())["max_new_tokens"] == 4  # the flag beat the YAML's 16
+    assert "frontier:" in capsys.readouterr().out
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: tiny\nlearning_rat: 0.1\n")
+    with pytest.raises(SystemExit, match="learning_rat"):
+        main(["--config", str(bad)])
