@@ -217,8 +217,7 @@ def common_args(spec: dict[str, Any], output_dir: str) -> dict[str, Any]:
         output_dir=output_dir, per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         optim="adamw_torch", logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True,
-        use_cpu=spec["device"] == "cpu", bf16=spec["bf16"], gradient_checkpointing=False,
-        dataloader_num_workers=0, seed=spec["seed"], data_seed=spec["seed"],
+        use_cpu=spec["device"] == "cpu", bf16=spec["bf16"], dataloader_num_workers=0, seed=spec["seed"], data_seed=spec["seed"],
     )
 
 
@@ -258,7 +257,8 @@ def build_trainer(config: str, spec: dict[str, Any], model, tokenizer, triples: 
         rows = [{"prompt": ids_to_text(t["prompt_ids"]), "chosen": " " + ids_to_text(t["chosen_ids"]),
                  "rejected": " " + ids_to_text(t["rejected_ids"])} for t in triples]
         args["per_device_train_batch_size"] = spec["batch"] // 2
-        cfg = DPOConfig(**args, beta=BETA, max_length=spec["prompt_len"] + spec["completion_len"],
+        # DPOConfig turns gradient checkpointing on by default; off, as for the others, so that all do the same work
+        cfg = DPOConfig(**args, gradient_checkpointing=False, beta=BETA, max_length=spec["prompt_len"] + spec["completion_len"],
                         precompute_ref_log_probs=config == "dpo_precompute",
                         precompute_ref_batch_size=spec["batch"] // 2)
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,

@@ -44,7 +44,7 @@ from .evaluation import FRONTIER_COLUMNS, PolicyEval, evaluate_policy, pareto_ma
 from .imdb import imdb_prompts
 from .losses import LOSS_TYPES
 from .models import MODEL_BUILDERS, cache_dir, load_model, model_folder
-from .reward_model import SentimentReward, load_reward_model
+from .reward_model import RewardModelConfig, SentimentReward, load_reward_model
 from .sampling import build_offline_dataset
 
 __all__ = ["ImdbTaskConfig", "offline_dataset", "FrontierCallback", "train_run", "ImdbTaskResult", "run_imdb_task", "main"]
@@ -82,7 +82,10 @@ def offline_dataset(
     """
     settings = dict(model=model, n_prompts=n_prompts, samples_per_prompt=samples_per_prompt, n_words=n_words,
                     max_new_tokens=max_new_tokens, seed=seed, reward=reward, batch_size=batch_size)
-    key = hashlib.sha256(json.dumps({**settings, "identity": _model_identity(model)}, sort_keys=True).encode()).hexdigest()[:12]
+    # the model's weights and the classifier's training config are part of the key: rebuilding either
+    # one gives a new dataset instead of stale samples or rewards
+    identity = {"model": _model_identity(model), "reward_model": RewardModelConfig().key()}
+    key = hashlib.sha256(json.dumps({**settings, **identity}, sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_dir() / "imdb_data" / f"{Path(model).name}-{key}"
     if cache and (folder / "dataset_info.json").exists():
         return load_from_disk(str(folder))

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
-from ..token_tree import ExactSolution, OfflineDataset, TokenTree, state_occupancy, state_values
+from ..token_tree import ExactSolution, OfflineDataset, TokenTree, expected_reward, sequence_kl, solve, state_occupancy, state_values
 from .forest import Forest, per_copy, per_copy_mean
 
-__all__ = ["policy_metrics", "sequences_to_target", "action_coverage"]
+__all__ = ["policy_metrics", "sequences_to_target", "action_coverage", "exact_frontier", "reward_gap"]
 
 
 def _state_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -98,3 +99,28 @@ def action_coverage(tree: TokenTree, data: OfflineDataset) -> float:
     m = data.mask.bool()
     seen[data.states[m], data.actions[m]] = True
     return float(seen[tree.policy_states].float().mean())
+
+
+def exact_frontier(tree: TokenTree, betas: list[float]) -> tuple[list[float], list[float]]:
+    """The exact optimum's reward-KL frontier: (KL(pi*_beta || pi_ref), E_pi*_beta[R]) over ``betas``, by KL.
+
+    pi*_beta maximises E[R] - beta * KL, so no policy has more reward at the same KL: these points
+    trace the upper boundary of what any policy can reach.
+    """
+    points = []
+    for beta in betas:
+        sol = solve(tree, beta)
+        points.append((sequence_kl(tree, sol.log_pi, tree.ref_log_probs), expected_reward(tree, sol.log_pi)))
+    points.sort()
+    return [k for k, _ in points], [r for _, r in points]
+
+
+def reward_gap(frontier_kl: list[float], frontier_reward: list[float], kl: float, reward: float) -> float:
+    """How far a policy lies below the frontier: frontier reward at the policy's KL minus its reward.
+
+    The frontier is interpolated linearly between its points (clamped at its ends); ~0 for a policy
+    on the frontier, positive below it.
+    """
+    if not math.isfinite(kl) or not math.isfinite(reward):
+        return math.nan
+    return float(np.interp(kl, frontier_kl, frontier_reward)) - reward

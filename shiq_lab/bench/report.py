@@ -223,6 +223,14 @@ def efficiency_curves(results: dict, param: str, task: str, behaviour: str) -> d
             if (k := (param, task, m, behaviour)) in rows and "efficiency_sizes" in rows[k]}
 
 
+def _kl_range(points: list[dict]) -> float:
+    """KL(pi || pi_ref) at the smallest beta over KL at the largest beta."""
+    if not points:
+        return math.nan
+    by_beta = sorted(points, key=lambda p: p["beta"])
+    return by_beta[0]["kl_ref_mean"] / by_beta[-1]["kl_ref_mean"]
+
+
 def key_numbers(results: dict) -> dict[str, float]:
     """The numbers behind the benchmark's headline findings (the notebook asserts them).
 
@@ -240,15 +248,17 @@ def key_numbers(results: dict) -> dict[str, float]:
     shifted = ("shiq", "shiq_nstep", "shiq_1step")
     calib = lambda ms: [rows[(p, t, m, b)]["calibration_residual_mean"] for p in cfg["parameterisations"] for t in tasks for m in ms for b in cfg["behaviours"]]  # noqa: E731
     fr = results["frontier"]
-    exact_kl = {e["beta"]: e["kl_ref"] for e in fr["exact"]}
-    shiq_front = [p for p in fr["points"] if p["method"] == "shiq"]
-    dpo_front = [p for p in fr["points"] if p["method"] == "dpo"]
+    front = lambda m: [p for p in fr["points"] if p["method"] == m]  # noqa: E731
+    eff = [rows[("tabular", t, "shiq", b)] for t in tasks for b in off]
     numbers = {
         "calibration_residual_shiq": max(calib(shifted)),
         "calibration_residual_sequence": max(calib(("dpo", "dpo_bt", "dro", "copg"))),
         "calibration_residual_unshifted_min": min(calib(("naive", "scoring"))),
         "shiq_tabular_offpolicy_min": min(val("tabular", t, "shiq", b) for t in tasks for b in off),
         "shiq_tabular_offpolicy_kl_max": max(val("tabular", t, "shiq", b, "kl_states_mean") for t in tasks for b in off),
+        # data efficiency sweep: does ShiQ reach the target from off-policy data on every task, and with how much
+        "shiq_tabular_offpolicy_reached": float(all(r.get("reached_target", False) for r in eff)),
+        "shiq_tabular_offpolicy_sequences_max": float(max(r.get("sequences_to_target", math.inf) for r in eff)),
         "unshifted_tabular_max": max(val("tabular", t, m, b) for t in tasks for m in ("naive", "scoring") for b in cfg["behaviours"]),
         "dpo_minus_shiq_tabular_uniform_max": max(val("tabular", t, "dpo", "uniform") - val("tabular", t, "shiq", "uniform") for t in tasks),
         "dpo_peak_tabular_uniform_mean": sum(val("tabular", t, "dpo", "uniform", "peak_normalised_return_mean") for t in tasks) / len(tasks),
@@ -258,8 +268,13 @@ def key_numbers(results: dict) -> dict[str, float]:
         # among the methods that reach pi* with full coverage: what the skewed data's coverage costs
         "skewed_minus_uniform_tabular_max": max(val("tabular", t, m, "skewed") - val("tabular", t, m, "uniform")
                                                 for t in tasks for m in (*shifted, "dro", "copg", "dpo_bt")),
-        "shiq_frontier_min": min(p["normalised_return_mean"] for p in shiq_front) if shiq_front else math.nan,
-        "dpo_frontier_kl_ratio_min": min(p["kl_ref_mean"] / exact_kl[p["beta"]] for p in dpo_front) if dpo_front else math.nan,
+        "shiq_frontier_min": min((p["normalised_return_mean"] for p in front("shiq")), default=math.nan),
+        "shiq_frontier_gap_max": max((p["reward_gap_mean"] for p in front("shiq")), default=math.nan),
+        "dpo_frontier_gap_mean": sum(p["reward_gap_mean"] for p in front("dpo")) / max(1, len(front("dpo"))),
+        # how much KL(pi || pi_ref) changes from the smallest to the largest beta: pi* moves a lot, DPO little
+        "exact_frontier_kl_range": fr["exact"][0]["kl_ref"] / fr["exact"][-1]["kl_ref"],
+        "dpo_frontier_kl_range": _kl_range(front("dpo")),
+        "shiq_frontier_kl_range": _kl_range(front("shiq")),
     }
     if "neural" in cfg["parameterisations"]:
         numbers["shiq_neural_offpolicy_mean"] = sum(val("neural", t, "shiq", b) for t in tasks for b in off) / (2 * len(tasks))

@@ -14,8 +14,8 @@ Protocol (also written into the results):
 2. Data efficiency (``sizes``): the same runs on nested smaller and larger datasets at the kept
    learning rate; :func:`~shiq_lab.bench.metrics.sequences_to_target` reads off how many sequences reach 99 %
    of the optimal improvement (or of the method's own plateau).
-3. Reward-KL frontier: one task and behaviour, a sweep of beta, each method at its kept learning rate,
-   next to the exact optimum's frontier.
+3. Reward-KL frontier: one task and behaviour, a sweep of beta, each method at its best learning
+   rate for each beta, next to the exact optimum's frontier.
 
 :func:`run_suite` returns the results as a plain dict (written as JSON by :func:`write_results`);
 :mod:`shiq_lab.bench.report` renders the markdown tables.
@@ -36,7 +36,7 @@ import torch
 from ..token_tree import OfflineDataset, TokenTree, expected_reward, sequence_kl, solve
 from .forest import stack_datasets, stack_trees
 from .harness import METHODS, TabularPolicy, TablePolicy, calibration_residual, train_forest
-from .metrics import sequences_to_target
+from .metrics import exact_frontier, reward_gap, sequences_to_target
 from .neural_policy import NeuralPolicy
 from .tasks import BEHAVIOURS, TASKS, behaviour_dataset, dataset_fingerprint, make_task_tree, task_specs
 
@@ -231,7 +231,7 @@ def run_suite(cfg: SuiteConfig, *, log: Callable[[str], None] = print) -> dict:
             timings[f"{param}/{task}"] = round(time.perf_counter() - t_param, 1)
             log(f"[synthetic] {param:7s} {task:9s} done in {timings[f'{param}/{task}']:.0f} s")
     t_front = time.perf_counter()
-    frontier = _run_frontier(cfg, task_cache[cfg.frontier_task], selected)
+    frontier = _run_frontier(cfg, task_cache[cfg.frontier_task])
     timings["frontier"] = round(time.perf_counter() - t_front, 1)
     log(f"[synthetic] frontier done in {timings['frontier']:.0f} s")
     wall = time.perf_counter() - t0
@@ -247,7 +247,8 @@ def run_suite(cfg: SuiteConfig, *, log: Callable[[str], None] = print) -> dict:
             "protocol": (
                 "full-batch Adam from pi_ref, the same step budget for every method; learning rate chosen per "
                 "(parameterisation, task, method, behaviour) by the best seed-averaged final normalised return at "
-                "the main size (oracle selection); data efficiency on nested smaller datasets at that learning rate"
+                "the main size (oracle selection); data efficiency on nested smaller and larger datasets at that learning rate; "
+                "frontier: a learning-rate sweep for each (method, beta)"
             ),
         },
         "selected_lr": selected,
@@ -258,18 +259,33 @@ def run_suite(cfg: SuiteConfig, *, log: Callable[[str], None] = print) -> dict:
     return results
 
 
-def _run_frontier(cfg: SuiteConfig, data: _TaskData, selected: dict) -> dict:
-    """Mean reward and KL(pi || pi_ref) over a sweep of beta, tabular, next to the exact optimum."""
+def _run_frontier(cfg: SuiteConfig, data: _TaskData) -> dict:
+    """Mean reward and KL(pi || pi_ref) over a sweep of beta, tabular, next to the exact optimum.
+
+    Each (method, beta) gets its own learning-rate sweep (the best seed-averaged normalised return
+    wins): the learning rate that suits beta = 0.5 need not suit beta = 0.1. ``reward_gap`` is how
+    far below the exact frontier the point lies at its own KL (per seed, then averaged).
+    """
     task, behaviour = cfg.frontier_task, cfg.frontier_behaviour
     exact = [_exact_point(data, cfg.seeds, beta) for beta in cfg.frontier_betas]
-    dense = [_exact_point(data, cfg.seeds, 10 ** (-2 + 3 * i / 30)) for i in range(31)]  # beta 0.01 .. 10
+    dense_betas = [10 ** (-2 + 3 * i / 60) for i in range(61)]  # beta 0.01 .. 10
+    dense = [_exact_point(data, cfg.seeds, beta) for beta in dense_betas[::2]]
+    frontiers = {s: exact_frontier(data.trees[s], dense_betas) for s in cfg.seeds}
     points = []
     if "tabular" in cfg.parameterisations:
+        lrs = cfg.tabular_lrs
         for method in cfg.methods:
-            lr = selected["tabular"][task][method][behaviour]
             for beta in cfg.frontier_betas:
-                recs = _train_copies("tabular", task, method, [_Copy(s, behaviour, lr, cfg.main_size) for s in cfg.seeds], data, cfg, beta=beta)
-                points.append({"method": method, "beta": beta, "lr": lr, **_mean_std(recs, ("reward", "kl_ref", "normalised_return", "kl_seq"))})
+                copies = [_Copy(s, behaviour, lr, cfg.main_size) for lr in lrs for s in cfg.seeds]
+                recs = _train_copies("tabular", task, method, copies, data, cfg, beta=beta)
+                lr = _select_lr(recs, lrs)
+                best = [r for r in recs if r["lr"] == lr]
+                for r in best:
+                    fin = r["final"]
+                    fin["reward_gap"] = _finite(reward_gap(*frontiers[r["seed"]], fin["kl_ref"] if fin["kl_ref"] is not None else math.nan,
+                                                           fin["reward"] if fin["reward"] is not None else math.nan))
+                points.append({"method": method, "beta": beta, "lr": lr,
+                               **_mean_std(best, ("reward", "kl_ref", "normalised_return", "kl_seq", "reward_gap"))})
     return {"task": task, "behaviour": behaviour, "size": cfg.main_size, "exact": exact, "exact_curve": dense, "points": points}
 
 
