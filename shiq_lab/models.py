@@ -210,3 +210,7 @@ def load_model(
     if device is not None:
         model.to(device)
     return model, load_tokenizer(path)
+
+
+# Models defined in their own modules register on import (last: they import this module).
+from . import imdb_model as _imdb_model  # noqa: E402,F401  -- registers "imdb-small"
