@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic
 
 setup: $(STAMP) assets
 
@@ -55,6 +55,15 @@ test-slow: setup browser-deps
 
 lab: setup
 	$(BIN)/jupyter lab notebooks
+
+# Benchmarks write JSON + markdown under benchmarks/results/ (minutes; BENCH_ARGS=--quick for a smoke run).
+BENCH_ARGS ?=
+bench: setup
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python -m benchmarks.$$(basename $$b .py) $(BENCH_ARGS) || exit 1; done
+
+# The synthetic token-tree benchmark of notebook 03 (full run; --quick for a smoke run).
+bench-synthetic: setup
+	$(BIN)/python -m shiq_lab.bench synthetic $(BENCH_ARGS)
 
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^shiq' > requirements-cpu.lock

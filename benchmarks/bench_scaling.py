@@ -227,11 +227,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kernel-rounds", type=int, default=2)
     ap.add_argument("--vocab-chunk-size", type=int, default=None, help="kernel: vocabulary per tile (default: auto)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small", help="step: model (vocabulary swept)")
-    ap.add_argument("--step-batch", type=int, default=2, help="step: sequences per step (even)")
+    # B * T > H everywhere, so that the [V, H] embedding gradient is never as large as the [B, T, V] logits
+    ap.add_argument("--step-batch", type=int, default=4, help="step: sequences per step (even)")
     ap.add_argument("--step-seq-lens", type=int, nargs="+", default=[128, 256, 512, 1024])
     ap.add_argument("--step-vocab", type=int, default=16384, help="step: V of the T sweep")
     ap.add_argument("--step-vocabs", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
-    ap.add_argument("--step-seq-len", type=int, default=256, help="step: T of the V sweep")
+    ap.add_argument("--step-seq-len", type=int, default=128, help="step: T of the V sweep")
     ap.add_argument("--step-rounds", type=int, default=2)
     ap.add_argument("--no-step", action="store_true", help="only the loss-kernel sweeps")
     ap.add_argument("--clock", choices=CLOCKS, default=None,
