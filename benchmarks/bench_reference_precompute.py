@@ -139,6 +139,7 @@ def build_markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Reference precompute vs a plain forward pass",
         "",
+        *(["**Quick smoke run (--quick): tiny sizes, not a measurement.**", ""] if payload["quick"] else []),
         f"Model: preset `{s['preset']}` (Llama-shaped, hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
         f"vocabulary {m['vocab_size']}, {m['n_params'] / 1e6:.1f} M parameters). Data: {s['rows']} sequences of "
         f"{s['prompt_len']} prompt + {s['completion_len']} response tokens ({s['tokens']} tokens), batch {s['batch']}, "

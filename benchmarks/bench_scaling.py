@@ -178,6 +178,7 @@ def build_markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Scaling with sequence length and vocabulary: ShiQ loss and training step",
         "",
+        *(["**Quick smoke run (--quick): tiny sizes, not a measurement.**", ""] if payload["quick"] else []),
         f"Machine: {mi['cpu']} ({mi['cpu_count']} cores), device {mi['device']}, torch {mi['torch']}, {s['threads']} "
         f"torch thread(s), load average {mi.get('loadavg_1m_5m_15m')} at the start, {mi.get('loadavg_end')} at the end. "
         f"Times: {clock_words}, medians over {s['kernel_rounds']} (kernel) / {s['step_rounds']} (step) interleaved rounds "

@@ -472,6 +472,8 @@ class LockstepWorkers:
         return reports
 
     def close(self) -> None:
+        for conn in self.conns.values():  # a worker waiting for a command gets EOF and exits
+            conn.close()
         for name, proc in self.procs.items():
             proc.join(timeout=30)
             if proc.is_alive():
@@ -568,6 +570,7 @@ def build_markdown(payload: dict[str, Any]) -> str:
     lines = [
         "# Training step: ShiQTrainer vs SFT (transformers.Trainer) vs TRL DPOTrainer",
         "",
+        *(["**Quick smoke run (--quick): tiny sizes, not a measurement.**", ""] if payload["quick"] else []),
         f"Model: Llama-shaped, preset `{s['preset']}` ({m['n_params'] / 1e6:.1f} M parameters, hidden {m['hidden_size']}, "
         f"{m['num_hidden_layers']} layers, {m['num_attention_heads']} heads / {m['num_key_value_heads']} KV heads, "
         f"MLP {m['intermediate_size']}, vocabulary {m['vocab_size']}, tied embeddings; the output layer is "

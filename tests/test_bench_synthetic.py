@@ -1,12 +1,12 @@
-"""The synthetic benchmark: harness, metrics, baselines, data files, suite schema and notebook."""
+"""The synthetic benchmark: harness, metrics, baselines, data files and suite schema.
+
+Notebook 03 (which runs the quick suite and asserts its findings) is executed by tests/test_notebooks.py.
+"""
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -273,19 +273,3 @@ def test_suite_results_cover_every_method_task_behaviour_and_parameterisation(tm
 def test_cli_rejects_a_bad_budget(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_main(["synthetic", "--quick", "--budget", "0", "--out", "/nonexistent"]) == 2
     assert "budget must be at least 1" in capsys.readouterr().err
-
-
-@pytest.mark.notebook
-def test_notebook_03_runs_and_asserts(tmp_path: Path) -> None:
-    """The notebook runs the quick suite, plots it and asserts its findings."""
-    pytest.importorskip("papermill")
-    out = tmp_path / "03.out.ipynb"
-    env = {**os.environ, "SHIQ_LAB_RUNS": str(tmp_path / "runs")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "03_synthetic_benchmark.ipynb"), str(out),
-         "--cwd", str(ROOT / "notebooks"), "-k", "python3"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = json.loads((tmp_path / "runs" / "summaries" / "03_synthetic_benchmark.json").read_text())
-    assert summary["calibration_residual_shiq"] == 0.0

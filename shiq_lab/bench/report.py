@@ -60,7 +60,7 @@ def _rows(results: dict) -> dict[tuple[str, str, str, str], dict]:
     return {(r["param"], r["task"], r["method"], r["behaviour"]): r for r in results["summary"]}
 
 
-def efficiency_table(results: dict, param: str = "tabular") -> str:
+def efficiency_table(results: dict, param: str = "tabular", behaviours: tuple[str, ...] | None = None) -> str:
     """Methods x (task, behaviour): sequences needed for the target fraction of the optimal improvement.
 
     ``n`` when the seed-averaged normalised return reaches the target with n sequences; ``(n)`` with
@@ -68,7 +68,7 @@ def efficiency_table(results: dict, param: str = "tabular") -> str:
     """
     cfg = results["meta"]["config"]
     rows = _rows(results)
-    cols = [(t, b) for t in cfg["tasks"] for b in cfg["behaviours"]]
+    cols = [(t, b) for t in cfg["tasks"] for b in (behaviours or cfg["behaviours"])]
     lines = ["| method | " + " | ".join(f"{t} · {b}" for t, b in cols) + " |", "|" + "---|" * (1 + len(cols))]
     for m in cfg["methods"]:
         cells = []
@@ -276,7 +276,26 @@ def key_numbers(results: dict) -> dict[str, float]:
         "dpo_frontier_kl_range": _kl_range(front("dpo")),
         "shiq_frontier_kl_range": _kl_range(front("shiq")),
     }
+    # data efficiency, ShiQ against each sequence-level method, (task, behaviour) cell by cell
+    worse = better = 0
+    for t in tasks:
+        for b in cfg["behaviours"]:
+            shiq = rows[("tabular", t, "shiq", b)]
+            for m in ("dpo", "dpo_bt", "dro", "copg"):
+                other = rows[("tabular", t, m, b)]
+                if "reached_target" not in shiq or "reached_target" not in other:
+                    continue
+                n_shiq = shiq["sequences_to_target"] if shiq["reached_target"] else math.inf
+                n_other = other["sequences_to_target"] if other["reached_target"] else math.inf
+                worse += n_other < n_shiq
+                better += n_shiq < n_other
+    numbers["shiq_efficiency_pairs_worse"] = float(worse)
+    numbers["shiq_efficiency_pairs_better"] = float(better)
     if "neural" in cfg["parameterisations"]:
+        sequence_level = ("dpo", "dpo_bt", "dro", "copg")
+        mean_over_tasks = lambda m, b: sum(val("neural", t, m, b) for t in tasks) / len(tasks)  # noqa: E731
+        numbers["shiq_minus_best_sequence_neural_min"] = min(
+            mean_over_tasks("shiq", b) - max(mean_over_tasks(m, b) for m in sequence_level) for b in cfg["behaviours"])
         numbers["shiq_neural_offpolicy_mean"] = sum(val("neural", t, "shiq", b) for t in tasks for b in off) / (2 * len(tasks))
         numbers["unshifted_neural_max"] = max(val("neural", t, m, b) for t in tasks for m in ("naive", "scoring") for b in cfg["behaviours"])
     return numbers
