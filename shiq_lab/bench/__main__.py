@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--quick", action="store_true", help="small trees, one seed, short budget (< 1 min on one core)")
     syn.add_argument("--out", default="benchmarks/results", help="folder for synthetic.json and synthetic.md (default: %(default)s)")
     syn.add_argument("--seeds", type=int, nargs="+", help="seeds (default: 0 1 2, or 0 with --quick)")
-    syn.add_argument("--budget", type=int, help="optimiser steps per run, the same for every method (default: 200, or 80 with --quick)")
+    syn.add_argument("--budget", type=int, help="optimiser steps per run, the same for every method (default: 200, or 60 with --quick)")
     syn.add_argument("--name", default=None, help="file stem of the results (default: synthetic, or synthetic_quick with --quick)")
     data = sub.add_parser("synthetic-data", help="write the synthetic tasks' trees and behaviour datasets")
     data.add_argument("--out", default="data/synthetic", help="target folder (default: %(default)s)")
