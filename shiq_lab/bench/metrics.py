@@ -21,6 +21,7 @@ import math
 import numpy as np
 import torch
 
+from ..token_tree import coverage as action_coverage  # noqa: F401 -- re-exported
 from ..token_tree import ExactSolution, OfflineDataset, TokenTree, expected_reward, sequence_kl, solve, state_occupancy, state_values
 from .forest import Forest, per_copy, per_copy_mean
 
@@ -87,18 +88,6 @@ def sequences_to_target(sizes: list[int], scores: list[float], target: float = 0
     # a plateau at or below the reference (<= 0) is reached by the first size that attains it
     level = target * plateau if plateau > 0 else plateau
     return next(size for size, score in zip(sizes, finite) if score >= level), False
-
-
-def action_coverage(tree: TokenTree, data: OfflineDataset) -> float:
-    """Fraction of the (state, token) pairs the policy chooses between that the data shows at least once.
-
-    Offline, an action never seen keeps whatever logit the loss leaves it: coverage bounds what any
-    method can learn from a dataset.
-    """
-    seen = torch.zeros(tree.ref_logits.shape, dtype=torch.bool)
-    m = data.mask.bool()
-    seen[data.states[m], data.actions[m]] = True
-    return float(seen[tree.policy_states].float().mean())
 
 
 def exact_frontier(tree: TokenTree, betas: list[float]) -> tuple[list[float], list[float]]:
