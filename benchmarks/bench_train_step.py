@@ -44,11 +44,9 @@ for known GPUs). It writes ``benchmarks/results/train_step.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import math
 import multiprocessing as mp
 import os
 import re
-import statistics
 import sys
 import tempfile
 import time
@@ -258,7 +256,8 @@ def build_trainer(config: str, spec: dict[str, Any], model, tokenizer, triples: 
                  "rejected": " " + ids_to_text(t["rejected_ids"])} for t in triples]
         args["per_device_train_batch_size"] = spec["batch"] // 2
         # DPOConfig turns gradient checkpointing on by default; off, as for the others, so that all do the same work
-        cfg = DPOConfig(**args, gradient_checkpointing=False, beta=BETA, max_length=spec["prompt_len"] + spec["completion_len"],
+        cfg = DPOConfig(**args, gradient_checkpointing=False, beta=BETA,
+                        max_length=spec["prompt_len"] + spec["completion_len"],
                         precompute_ref_log_probs=config == "dpo_precompute",
                         precompute_ref_batch_size=spec["batch"] // 2)
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
