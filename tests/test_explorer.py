@@ -1,15 +1,13 @@
 """The explorer's controls change what it shows, and what it shows is the frame's numbers."""
 
-import copy
 
 import numpy as np
 import pytest
-import torch
 
 from shiq_lab.explorer import TokenValueExplorer, normalise_examples
 from shiq_lab.figures import display_token
-from shiq_lab.models import load_model
 from shiq_lab.rewards import word_reward
+from tiny_pair import tiny_policy_and_reference
 
 PROMPT = [{"role": "user", "content": "was the movie good?"}]
 EXAMPLES = [
@@ -20,13 +18,7 @@ EXAMPLES = [
 
 @pytest.fixture(scope="module")
 def explorer():
-    torch.manual_seed(0)
-    ref, tok = load_model("tiny")
-    after = copy.deepcopy(ref)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in after.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    after, ref, tok = tiny_policy_and_reference()
     return TokenValueExplorer({"before": ref, "after": after}, tok, reference=ref, examples=EXAMPLES, beta=0.5,
                               rewards=word_reward(tok, "great"), top_k=3)
 

@@ -1,17 +1,15 @@
 """Figures show the frame's numbers where they belong: cells, lines, bars, colour scale, offline renderers."""
 
 import base64
-import copy
 
 import numpy as np
 import plotly.io as pio
 import pytest
-import torch
 
 from shiq_lab.figures import QUANTITIES, chromium_path, configure_plotly, display_token, token_strip, topk_bars, value_lines
-from shiq_lab.models import load_model
 from shiq_lab.rewards import word_reward
 from shiq_lab.token_values import token_values
+from tiny_pair import tiny_policy_and_reference
 
 PROMPT = [{"role": "user", "content": "was the movie good?"}]
 MULTI_TURN = [
@@ -23,13 +21,7 @@ MULTI_TURN = [
 
 @pytest.fixture(scope="module")
 def frame():
-    torch.manual_seed(0)
-    ref, tok = load_model("tiny")
-    policy = copy.deepcopy(ref)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    policy, ref, tok = tiny_policy_and_reference()
     return token_values(policy, tok, PROMPT, ["the movie was great and the music was really good.", MULTI_TURN],
                         reference=ref, beta=0.5, rewards=word_reward(tok, "great"), top_k=3)
 

@@ -9,9 +9,9 @@ import torch
 
 from shiq_lab.encoding import encode_responses, pad_batch
 from shiq_lab.losses import shiq_loss, token_logprobs
-from shiq_lab.models import load_model
 from shiq_lab.rewards import word_reward
 from shiq_lab.token_values import ReferenceStats, reference_stats, token_values, with_beta
+from tiny_pair import tiny_policy_and_reference
 
 BETA = 0.3
 PROMPT = "was the movie good?"
@@ -27,13 +27,7 @@ NUMERIC = ["logp", "ref_logp", "logz", "ref_logz", "q", "v", "advantage", "log_r
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.manual_seed(0)
-    ref, tok = load_model("tiny")
-    policy = copy.deepcopy(ref)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    policy, ref, tok = tiny_policy_and_reference()
     return policy.eval(), ref.eval(), tok
 
 
