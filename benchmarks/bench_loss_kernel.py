@@ -39,12 +39,12 @@ from benchmarks.common import (
     CLOCKS,
     fmt_bytes,
     interleaved_times,
-    machine_info,
     markdown_table,
     measure_memory,
+    publish,
     ratio_summary,
+    start_run,
     time_summary,
-    write_results,
 )
 from shiq_lab.fused_logprobs import chunked_token_logprobs, default_tile
 from shiq_lab.losses import shiq_loss, token_logprobs
@@ -296,14 +296,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device, clock, machine = start_run(args.threads, args.device, args.clock)
     dims = dict(hidden=args.hidden, device=device)
     tile = {"chunk_size": args.chunk_size, "vocab_chunk_size": args.vocab_chunk_size}
-    # one torch thread on a CPU: CPU time is immune to other processes; otherwise wall time
-    clock = args.clock or ("cpu_s" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall_s")
-    machine = machine_info(device)
 
     main_rows = []
     configs = [(b, False) for b in args.batch] + ([] if args.no_frozen else [(args.batch[0], True)])
@@ -343,11 +338,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "main": main_rows,
         "scaling": scaling,
     }
-    payload["machine"]["loadavg_end"] = machine_info(device).get("loadavg_1m_5m_15m")
-    json_path, md_path = write_results(args.name, payload, build_markdown(payload), args.out_dir)
-    print(build_markdown(payload))
-    print(f"\nwrote {json_path} and {md_path}")
-    return payload
+    return publish(args.name, payload, build_markdown, device, args.out_dir)
 
 
 if __name__ == "__main__":

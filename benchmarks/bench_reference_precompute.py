@@ -47,12 +47,12 @@ from benchmarks.common import (
     CLOCKS,
     fmt_bytes,
     interleaved_times,
-    machine_info,
     markdown_table,
     measure_memory,
+    publish,
     ratio_summary,
+    start_run,
     time_summary,
-    write_results,
 )
 
 CASES = ("forward", "forward_logprobs", "precompute", "precompute_cached")
@@ -200,13 +200,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, clock, machine = start_run(args.threads, args.device, args.clock)
     from transformers import LlamaForCausalLM
 
-    device = torch.device(args.device)
-    clock = args.clock or ("cpu_s" if device.type == "cpu" and args.threads == 1 else "wall_s")
-    machine = machine_info(device)
     seq_len = args.prompt_len + args.completion_len
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(model_config(args.preset, seq_len)).to(device).eval()
@@ -261,12 +257,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "raw_times": times,
     }
-    payload["machine"]["loadavg_end"] = machine_info(device).get("loadavg_1m_5m_15m")
-    md = build_markdown(payload)
-    json_path, md_path = write_results(args.name, payload, md, args.out_dir)
-    print(md)
-    print(f"\nwrote {json_path} and {md_path}")
-    return payload
+    return publish(args.name, payload, build_markdown, device, args.out_dir)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ import torch
 
 from benchmarks.bench_loss_kernel import METHOD_NAMES, make_problem, run_case
 from benchmarks.bench_train_step import PRESETS, run_lockstep, save_model
-from benchmarks.common import CLOCKS, fmt_bytes, machine_info, markdown_table, time_summary, write_results
+from benchmarks.common import CLOCKS, fmt_bytes, markdown_table, publish, start_run, time_summary
 
 STEP_CONFIGS = ("sft", "shiq")
 
@@ -259,11 +259,7 @@ def _points(values: list[int], fixed: int, key: str) -> list[tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    clock = args.clock or ("cpu_s" if device.type == "cpu" and args.threads == 1 else "wall_s")
-    machine = machine_info(device)
+    device, clock, machine = start_run(args.threads, args.device, args.clock)
 
     kernel = {
         "seq_len": kernel_sweep(_points(args.kernel_seq_lens, args.kernel_vocab, "seq_len"), hidden=args.hidden,
@@ -308,12 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shiq_step_time_slope_T": sl["step"]["seq_len"]["shiq"]["time"],
         "shiq_step_time_slope_V": sl["step"]["vocab"]["shiq"]["time"],
     })
-    payload["machine"]["loadavg_end"] = machine_info(device).get("loadavg_1m_5m_15m")
-    md = build_markdown(payload)
-    json_path, md_path = write_results(args.name, payload, md, args.out_dir)
-    print(md)
-    print(f"\nwrote {json_path} and {md_path}")
-    return payload
+    return publish(args.name, payload, build_markdown, device, args.out_dir)
 
 
 if __name__ == "__main__":

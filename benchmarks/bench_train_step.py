@@ -63,11 +63,11 @@ import torch
 from benchmarks.common import (
     CLOCKS,
     fmt_bytes,
-    machine_info,
     markdown_table,
+    publish,
     ratio_summary,
+    start_run,
     time_summary,
-    write_results,
 )
 
 CONFIGS = ("sft", "shiq", "dpo", "dpo_precompute")
@@ -685,11 +685,7 @@ def _versions() -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    clock = args.clock or ("cpu_s" if device.type == "cpu" and args.threads == 1 else "wall_s")
-    machine = machine_info(device)
+    device, clock, machine = start_run(args.threads, args.device, args.clock)
     seq_len = args.prompt_len + args.completion_len
     configs = list(args.configs)
     if any(c.startswith("dpo") for c in configs) and not _importable("trl"):
@@ -738,12 +734,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "raw_times": times,
         "profiles": {c: r["profile"] for c, r in reports.items() if "profile" in r},
     }
-    payload["machine"]["loadavg_end"] = machine_info(device).get("loadavg_1m_5m_15m")
-    md = build_markdown(payload)
-    json_path, md_path = write_results(args.name, payload, md, args.out_dir)
-    print(md)
-    print(f"\nwrote {json_path} and {md_path}")
-    return payload
+    return publish(args.name, payload, build_markdown, device, args.out_dir)
 
 
 if __name__ == "__main__":

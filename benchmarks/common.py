@@ -208,3 +208,28 @@ def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Pa
     json_path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     md_path.write_text(markdown.rstrip() + "\n")
     return json_path, md_path
+
+
+def start_run(threads: int | None, device_name: str, clock: str | None) -> tuple[torch.device, str, dict[str, Any]]:
+    """Set the thread count; return the device, the clock to time with and the machine's description.
+
+    With one torch thread on a CPU the clock is process CPU time (immune to other processes sharing
+    the cores); otherwise wall time. An explicit ``clock`` wins.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device_name)
+    clock = clock or ("cpu_s" if device.type == "cpu" and torch.get_num_threads() == 1 else "wall_s")
+    return device, clock, machine_info(device)
+
+
+def publish(name: str, payload: dict[str, Any], build_markdown: Callable[[dict[str, Any]], str],
+            device: torch.device, out_dir: Path | None = None) -> dict[str, Any]:
+    """Record the end-of-run load, write JSON + markdown, print the markdown; returns the payload."""
+    payload["machine"]["loadavg_end"] = machine_info(device).get("loadavg_1m_5m_15m")
+    markdown = build_markdown(payload)
+    json_path, md_path = write_results(name, payload, markdown, out_dir)
+    print(markdown)
+    print(f"\nwrote {json_path} and {md_path}")
+    return payload
+
