@@ -3,7 +3,7 @@
 A *response* is what follows a prompt: plain text, or chat messages rendered with the tokenizer's
 chat template. In chat form, the tokens an assistant turn generated (its content and the
 end-of-turn token) are policy tokens (mask 1); the template's own tokens and user / tool / system
-turns are environment tokens (mask 0), as METHOD.md's multi-turn masking asks.
+turns are environment tokens (mask 0), as docs/method.md's multi-turn masking asks.
 
 Accepted shapes (``Prompt`` and ``Response``):
 

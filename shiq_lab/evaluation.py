@@ -1,6 +1,6 @@
 """Evaluating a policy against its reference on held-out prompts: reward and KL of fresh generations.
 
-The headline metric of METHOD.md: sample responses from the policy, score them, and measure
+The headline metric of docs/method.md: sample responses from the policy, score them, and measure
 KL(pi || pi_ref) *on the same samples*:
 
 - ``kl_mean``: mean over samples of ``sum_t ln pi(a_t|s_t) - ln pi_ref(a_t|s_t)`` over the sampled

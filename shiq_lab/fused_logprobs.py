@@ -2,7 +2,7 @@
 
 Every token-level loss in :mod:`shiq_lab.losses` consumes only two numbers per token: the log-prob
 of the taken action ``logp`` and the log-partition ``logz`` (``token_logprobs``). Their gradient
-with respect to the logits is cross-entropy-shaped (METHOD.md, tensor form)::
+with respect to the logits is cross-entropy-shaped (docs/method.md, tensor form)::
 
     d/dl_t [gp_t * logp_t + gz_t * logz_t] = gp_t * onehot(a_t) + (gz_t - gp_t) * softmax(l_t)
 

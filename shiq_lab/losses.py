@@ -1,4 +1,4 @@
-"""The ShiQ loss family and its baselines, on per-token tensors (METHOD.md steps 1-4 and baselines).
+"""The ShiQ loss family and its baselines, on per-token tensors (docs/method.md steps 1-4 and baselines).
 
 Conventions shared by every loss here:
 
@@ -140,7 +140,7 @@ def shiq_loss(
     detach_bootstrap: bool = False,
     reduction: str = "token",
 ) -> LossOutput:
-    """The ShiQ loss: squared shifted Bellman residuals (METHOD.md steps 3-4).
+    """The ShiQ loss: squared shifted Bellman residuals (docs/method.md steps 3-4).
 
     With ``dV(s) = logz - ref_logz`` (0 at terminal) and ``lr = logp - ref_logp``::
 
@@ -215,7 +215,7 @@ def shiq_logit_grad(
     """Closed-form gradient of ``sum_t delta_t^2`` (full-path ShiQ) with respect to the logits.
 
     ``2*beta*[S_t*onehot(a_t) - (S_t - delta_t)*softmax(l_t)]`` with ``S_t = sum_{u<=t} delta_u``
-    (METHOD.md, tensor form). Divide by the number of response tokens for the mean loss. It is what
+    (docs/method.md, tensor form). Divide by the number of response tokens for the mean loss. It is what
     a chunked kernel computes without a [B, T, V] fp32 tensor; here it serves as a check.
     """
     dt = _compute_dtype(logits)

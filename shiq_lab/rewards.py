@@ -3,7 +3,7 @@
 A token reward function maps a response's token ids to one reward per token
 (``fn(token_ids) -> list[float]``); :func:`shiq_lab.token_values.token_values` and
 :func:`shiq_lab.simple_fit.fit_shiq` call it on each response's tokens and keep the rewards of
-policy tokens only (environment tokens earn nothing, METHOD.md multi-turn masking).
+policy tokens only (environment tokens earn nothing, docs/method.md multi-turn masking).
 """
 
 from __future__ import annotations

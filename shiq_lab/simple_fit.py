@@ -5,7 +5,7 @@ on the responses, as an SFT model does before RL fine-tuning; :func:`fit_shiq` t
 
 One padded batch, full logits, AdamW, the full-path ShiQ loss of :mod:`shiq_lab.losses` against
 reference numbers computed once before the first step (so the reference never runs again, as in
-the offline setting of METHOD.md). It exists to show what a fit does to token values in seconds;
+the offline setting of docs/method.md). It exists to show what a fit does to token values in seconds;
 for real runs -- datasets, minibatches, chunked vocabulary, checkpoints, logging -- use the trainer
 (:mod:`shiq_lab.trainer`).
 """

@@ -19,7 +19,7 @@ __all__ = ["TOKEN_LOSSES", "token_loss", "loss_gradient", "implied_policy", "Fit
 
 #: token-level losses a tabular policy can be fitted with: name -> (description)
 TOKEN_LOSSES = {
-    "shiq": "ShiQ, full path (METHOD.md step 4)",
+    "shiq": "ShiQ, full path (docs/method.md step 4)",
     "shiq_nstep": "ShiQ, n-step with bootstrap",
     "shiq_1step": "shifted one-step loss (step 3)",
     "scoring": "unshifted scoring function g = l (step 2)",

@@ -1,4 +1,4 @@
-"""Exact ground truth: small token-tree MDPs solved by backward recursion (METHOD.md, step 0).
+"""Exact ground truth: small token-tree MDPs solved by backward recursion (docs/method.md, step 0).
 
 A token tree has one root per prompt; a state is (prompt, prefix of response tokens). Every action
 appends a token; the episode ends when EOS is emitted or the response reaches ``horizon`` tokens.
@@ -108,7 +108,7 @@ class TokenTree:
 
 @dataclass
 class ExactSolution:
-    """q*, v* and pi* of a token tree for one beta (METHOD.md step 0)."""
+    """q*, v* and pi* of a token tree for one beta (docs/method.md step 0)."""
 
     beta: float
     q: torch.Tensor  # [N, V]
@@ -252,7 +252,7 @@ def _next_values(tree: TokenTree, v: torch.Tensor) -> torch.Tensor:
 
 
 def solve(tree: TokenTree, beta: float) -> ExactSolution:
-    """Exact q*, v*, pi* by backward recursion (METHOD.md step 0)."""
+    """Exact q*, v*, pi* by backward recursion (docs/method.md step 0)."""
     if not beta > 0:
         raise ValueError(f"beta={beta}: must be > 0")
     ref_logp = tree.ref_log_probs

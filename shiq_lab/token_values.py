@@ -1,6 +1,6 @@
 """Per-token values of a causal LM against its reference: Q, V, advantage, ShiQ residual, KL, top-k.
 
-For the state ``s_t = (x, y_<t)`` before response token ``a_t = y_t`` (METHOD.md, step 3)::
+For the state ``s_t = (x, y_<t)`` before response token ``a_t = y_t`` (docs/method.md, step 3)::
 
     Q(s, a)   = beta * (l_theta - l_ref)(s, a)                    shifted Q-value of the token
     V(s)      = beta * (logsumexp l_theta - logsumexp l_ref)(s)   implied value of the state

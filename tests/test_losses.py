@@ -1,4 +1,4 @@
-"""The loss family (METHOD.md steps 1-4, tensor form, baselines) against exact values.
+"""The loss family (docs/method.md steps 1-4, tensor form, baselines) against exact values.
 
 Exact identities on token trees (calibrated initialisation, the fixed point on every path),
 an independent per-sequence loop, finite differences, the closed-form gradient, hand-computed
@@ -161,7 +161,7 @@ def test_environment_tokens_must_be_masked_for_the_optimum_to_be_a_fixed_point()
 
 
 def loop_residuals(logp, logz, ref_logp, ref_logz, rewards, mask, beta: float, horizon: int | None) -> torch.Tensor:
-    """delta_t from METHOD.md written as a loop over each sequence's policy tokens."""
+    """delta_t from docs/method.md written as a loop over each sequence's policy tokens."""
     out = torch.zeros(mask.shape, dtype=torch.float64)
     for b in range(mask.shape[0]):
         pos = [t for t in range(mask.shape[1]) if mask[b, t] == 1]

@@ -1,4 +1,4 @@
-"""The exact ground truth (METHOD.md step 0) checked against brute force over enumerated paths.
+"""The exact ground truth (docs/method.md step 0) checked against brute force over enumerated paths.
 
 The backward recursion of :func:`solve` and the occupancy-based KLs are compared with a direct
 sum over every complete response of the tree: a different algorithm for the same numbers.

@@ -174,7 +174,7 @@ def calibration_residual(method: str, policy: TablePolicy, forest: Forest, data:
 
     At theta = ref the shifted losses (ShiQ, n-step, one-step) give exactly 0, and so do the
     sequence losses (their residuals are log-ratios and returns); the naive and scoring losses do
-    not: their residuals carry the logits' arbitrary per-state offsets (METHOD.md steps 1-3).
+    not: their residuals carry the logits' arbitrary per-state offsets (docs/method.md steps 1-3).
     """
     silent = OfflineDataset(data.states, data.actions, torch.zeros_like(data.rewards), data.mask, data.prompts, data.lengths)
     values = torch.zeros(forest.tree.num_prompts, dtype=data.rewards.dtype)  # V_phi = 0 matches R = 0

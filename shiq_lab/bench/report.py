@@ -181,7 +181,7 @@ def render_markdown(results: dict) -> str:
     out += [
         "## Calibration: mean |residual| at initialisation with the rewards set to 0",
         "",
-        "0 means the loss is calibrated at theta = ref (METHOD.md step 3).",
+        "0 means the loss is calibrated at theta = ref (docs/method.md step 3).",
         "",
         calibration_table(results),
         "",
