@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic bench-imdb-smollm2
 
 setup: $(STAMP) assets
 
@@ -64,6 +64,11 @@ bench: setup
 # The synthetic token-tree benchmark of notebook 03 (full run; --quick for a smoke run).
 bench-synthetic: setup
 	$(BIN)/python -m shiq_lab.bench synthetic $(BENCH_ARGS)
+
+# The IMDB sweep on SmolLM2-135M (CPU, LoRA; ~1 h on 2 shared cores): ShiQ with token / sequence rewards,
+# DPO, DRO, CoPG -> benchmarks/results/imdb_smollm2_cpu.{json,md,html}. BENCH_ARGS=--quick: smoke run under runs/.
+bench-imdb-smollm2: setup
+	$(BIN)/python -m benchmarks.bench_imdb_smollm2 $(BENCH_ARGS)
 
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^shiq' > requirements-cpu.lock

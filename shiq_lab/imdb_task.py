@@ -17,6 +17,11 @@
 
 Batch sizes count responses for every loss type: the pairwise losses (DPO, CoPG) get
 ``batch_size // samples_per_prompt`` prompts per step, so each loss sees as many responses per step.
+
+Run types (``loss_types``): the four losses of :data:`shiq_lab.losses.LOSS_TYPES`, which all train
+on the sequence score (on the last token for ShiQ), and ``shiq_token``: ShiQ on the exact per-token
+increments of the same score (:meth:`shiq_lab.reward_model.SentimentReward.token_rewards`), same
+data, same returns. ``use_lora`` trains LoRA adapters (the reference is the base model).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -47,7 +53,11 @@ from .models import MODEL_BUILDERS, cache_dir, load_model, model_folder
 from .reward_model import RewardModelConfig, SentimentReward, load_reward_model
 from .sampling import build_offline_dataset
 
-__all__ = ["ImdbTaskConfig", "offline_dataset", "FrontierCallback", "train_run", "ImdbTaskResult", "run_imdb_task", "main"]
+__all__ = ["RUN_TYPES", "ImdbTaskConfig", "offline_dataset", "add_token_rewards", "FrontierCallback", "train_run", "ImdbTaskResult", "run_imdb_task", "main"]
+
+
+#: what ``loss_types`` may hold: the losses, plus ShiQ on token-level rewards
+RUN_TYPES = (*LOSS_TYPES, "shiq_token")
 
 
 def _model_identity(name_or_path: str) -> str:
@@ -90,6 +100,7 @@ def offline_dataset(
     if cache and (folder / "dataset_info.json").exists():
         return load_from_disk(str(folder))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    _require_model(model)
     reference, tokenizer = load_model(model, device=device)
     prompts = imdb_prompts("train", n_prompts, n_words=n_words, seed=seed)
     reward_fn = SentimentReward(load_reward_model(), kind=reward)
@@ -107,12 +118,34 @@ def offline_dataset(
     return ds
 
 
+def _require_model(model: str) -> None:
+    """A registered model whose asset is missing: say which command fetches it (before any work)."""
+    from .assets import ASSETS, is_fetched
+
+    needs = {"smollm2-135m": "smollm2"}.get(model)
+    if needs and needs in ASSETS and not is_fetched(needs) and not (cache_dir() / "models" / model / ".complete").exists():
+        raise SystemExit(f"model {model!r} is not fetched: run `make assets` (or `shiq-lab models fetch {model}`) first")
+
+
+def add_token_rewards(ds: Dataset, tokenizer, reward_fn: SentimentReward, *, atol: float = 1e-5) -> Dataset:
+    """Add ``token_rewards``: the exact per-token increments of each row's ``reward`` (one per completion token).
+
+    Raises if a row's increments do not sum to its stored reward (a tokenizer or classifier mismatch).
+    """
+    rows = reward_fn.token_rewards(ds["prompt"], ds["completion_ids"], tokenizer)
+    for i, (inc, total) in enumerate(zip(rows, ds["reward"])):
+        if abs(sum(inc) - total) > atol:
+            raise ValueError(f"row {i}: token rewards sum to {sum(inc):.6f} but the sequence reward is {total:.6f}: "
+                             "the dataset was scored with another classifier or tokenizer; rebuild it")
+    return ds.add_column("token_rewards", rows)
+
+
 @dataclass
 class ImdbTaskConfig:
     """Every setting of an IMDB run (the defaults are the quick CPU run of notebook 04 and CI)."""
 
     model: str = "imdb-small"  # reference and starting point: registered name, folder or hub id
-    loss_types: Sequence[str] = LOSS_TYPES
+    loss_types: Sequence[str] = LOSS_TYPES  # any of RUN_TYPES ("shiq_token": ShiQ on per-token rewards)
     betas: Sequence[float] = (0.1, 0.5)  # in units of the reward's spread when rewards are z-scored
     # data
     n_train_prompts: int = 160  # x samples_per_prompt = max_steps x batch_size: one pass over the data
@@ -128,6 +161,9 @@ class ImdbTaskConfig:
     reward_normalization: str = "zscore"  # a per-state value offset of E[R]/beta is hard to learn: centre R
     max_length: int = 64
     trainer_args: dict[str, Any] = field(default_factory=dict)  # any other ShiQConfig field
+    use_lora: bool = False  # LoRA adapters on every linear layer; the reference is the base model
+    lora_r: int = 16
+    lora_alpha: int = 32
     # evaluation
     eval_every: int = 20  # steps between frontier points (also evaluates after the last step)
     n_eval_prompts: int = 64
@@ -140,14 +176,16 @@ class ImdbTaskConfig:
     cpu_threads: int | None = 1  # torch threads of a CPU run (small models: 1 is fastest); None: torch's setting
     dtype: str = "float32"
     save_models: bool = True
+    progress: bool = False  # a tqdm bar over the sweep's training steps
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.loss_types = tuple(self.loss_types)
         self.betas = tuple(float(b) for b in self.betas)
-        bad = [lt for lt in self.loss_types if lt not in LOSS_TYPES]
+        self.learning_rate = float(self.learning_rate)  # YAML 1.1 reads "2e-4" as a string
+        bad = [lt for lt in self.loss_types if lt not in RUN_TYPES]
         if bad:
-            raise ValueError(f"loss_types={bad}: choose among {LOSS_TYPES}")
+            raise ValueError(f"loss_types={bad}: choose among {RUN_TYPES}")
         if not self.betas or any(b <= 0 for b in self.betas):
             raise ValueError(f"betas={self.betas}: give at least one beta, each > 0")
         if self.eval_every < 1 or self.max_steps < 1:
@@ -163,6 +201,16 @@ class ImdbTaskConfig:
         d = asdict(self)
         d["loss_types"], d["betas"] = list(self.loss_types), list(self.betas)
         return d
+
+
+class _ProgressCallback(TrainerCallback):
+    """Advances a shared progress bar by one per optimiser step (the bar of the whole sweep)."""
+
+    def __init__(self, bar: Any):
+        self.bar = bar
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: D401 -- Trainer hook
+        self.bar.update(1)
 
 
 class FrontierCallback(TrainerCallback):
@@ -207,8 +255,13 @@ def train_run(
     evaluate: Callable[[torch.nn.Module], PolicyEval],
     *,
     log: Callable[[str], None] = print,
+    progress: Any = None,
 ) -> dict[str, Any]:
-    """Train one (loss type, beta) from the reference with :class:`~shiq_lab.trainer.ShiQTrainer`.
+    """Train one (run type, beta) from the reference with :class:`~shiq_lab.trainer.ShiQTrainer`.
+
+    ``loss_type="shiq_token"`` trains ShiQ on the dataset's ``token_rewards`` (its ``reward`` column
+    is dropped); the other types drop ``token_rewards`` and train on ``reward``. ``progress`` (a
+    tqdm bar) advances by one per training step.
 
     Returns ``{"points": [(step, PolicyEval)], "history": trainer log rows, "folder": run folder,
     "seconds": ...}``; writes ``run.json`` (and the final model when ``save_models``) into the folder.
@@ -218,10 +271,17 @@ def train_run(
     folder = Path(config.output_dir) / f"{loss_type}-beta{beta:g}"
     folder.mkdir(parents=True, exist_ok=True)
     policy, tokenizer = load_model(config.model, dtype=_dtype(config.dtype))
+    token_level = loss_type == "shiq_token"
+    if token_level:
+        if "token_rewards" not in dataset.column_names:
+            raise ValueError("loss type 'shiq_token' needs a dataset with a token_rewards column (add_token_rewards)")
+        dataset = dataset.remove_columns(["reward"])
+    elif "token_rewards" in dataset.column_names:
+        dataset = dataset.remove_columns(["token_rewards"])
     pairwise = loss_type in ("dpo", "copg")
     batch = max(1, config.batch_size // config.samples_per_prompt) if pairwise else config.batch_size
     args = ShiQConfig(
-        output_dir=str(folder), loss_type=loss_type, beta=beta, max_length=config.max_length,
+        output_dir=str(folder), loss_type="shiq" if token_level else loss_type, beta=beta, max_length=config.max_length,
         per_device_train_batch_size=batch, learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type, max_steps=config.max_steps,
         reward_normalization=config.reward_normalization, logging_steps=1, save_strategy="no",
@@ -230,8 +290,21 @@ def train_run(
     )
     callback = FrontierCallback(config.eval_every, evaluate, on_point=lambda s, r: log(
         f"   {loss_type:4s} beta={beta:<5g} step {s:4d}: reward {r.reward_mean:.3f}  KL {r.kl_states_mean:.3f}"))
+    callbacks: list[TrainerCallback] = [callback]
+    if progress is not None:
+        callbacks.append(_ProgressCallback(progress))
+    peft_config = None
+    if config.use_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
     start = time.perf_counter()
-    trainer = ShiQTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
+    with warnings.catch_warnings():
+        # cut responses are counted once per dataset by _run, not once per run
+        warnings.filterwarnings("ignore", message=r"tokenize_dataset: \d+ of \d+ responses did not finish")
+        trainer = ShiQTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
+                              callbacks=callbacks, peft_config=peft_config)
     trainer.remove_callback(PrinterCallback)  # the per-step dicts: they are in the returned history
     trainer.train()
     seconds = time.perf_counter() - start
@@ -288,6 +361,7 @@ def run_imdb_task(config: ImdbTaskConfig = ImdbTaskConfig(), *, log: Callable[[s
 
 def _run(config: ImdbTaskConfig, log: Callable[[str], None]) -> ImdbTaskResult:
     start = time.perf_counter()
+    _require_model(config.model)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
@@ -299,9 +373,12 @@ def _run(config: ImdbTaskConfig, log: Callable[[str], None]) -> ImdbTaskResult:
     dataset = offline_dataset(config.model, n_prompts=config.n_train_prompts, samples_per_prompt=config.samples_per_prompt,
                               n_words=config.n_words, max_new_tokens=config.max_new_tokens, seed=config.seed,
                               reward=config.reward, batch_size=config.sample_batch_size, device=config.device)
-    log(f"offline dataset: {len(dataset)} responses, mean reward {pd.Series(dataset['reward']).mean():.3f}")
-
     reference, tokenizer = load_model(config.model, dtype=_dtype(config.dtype), device=config.device)
+    cut = sum(f is False for f in dataset["finished"])
+    log(f"offline dataset: {len(dataset)} responses, mean reward {pd.Series(dataset['reward']).mean():.3f}; "
+        f"{cut} of {len(dataset)} reached max_new_tokens={config.max_new_tokens} without EOS (treated as terminal)")
+    if "shiq_token" in config.loss_types:
+        dataset = add_token_rewards(dataset, tokenizer, reward_fn)
     eval_prompts = imdb_prompts("test", config.n_eval_prompts, n_words=config.n_words, seed=config.seed + 1)
 
     def evaluate(policy: torch.nn.Module) -> PolicyEval:
@@ -314,14 +391,21 @@ def _run(config: ImdbTaskConfig, log: Callable[[str], None]) -> ImdbTaskResult:
     rows = [{"label": "reference", "loss_type": "reference", "beta": float("nan"), "step": 0, "path": "",
              **reference_eval.row()}]
     history, final_evals = [], {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(config.loss_types) * len(config.betas) * config.max_steps, desc="imdb sweep", unit="step",
+               disable=not config.progress, mininterval=5.0)
     for loss_type in config.loss_types:
         for beta in config.betas:
-            run = train_run(config, loss_type, beta, dataset, evaluate, log=log)
+            bar.set_postfix_str(f"{loss_type} beta={beta:g}")
+            run = train_run(config, loss_type, beta, dataset, evaluate, log=bar.write if config.progress else log,
+                            progress=bar)
             for step, result in run["points"]:
                 rows.append({"label": f"{loss_type} beta={beta:g} step={step}", "loss_type": loss_type, "beta": beta,
                              "step": step, "path": str(run["folder"]), **result.row()})
             history += [{"loss_type": loss_type, "beta": beta, **h} for h in run["history"]]
             final_evals[(loss_type, beta)] = run["points"][-1][1]
+    bar.close()
     frontier = pd.DataFrame(rows)[FRONTIER_COLUMNS]
     frontier["pareto"] = pareto_mask(frontier, by=None)
     paths = save_frontier(frontier, out / "frontier")

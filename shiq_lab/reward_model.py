@@ -10,6 +10,24 @@ probability nearer 0.5 than a full review would).
 Reward of a completion = P(positive | completion) by default (``SentimentReward(kind="logit")`` gives
 the log-odds instead). Built once per machine and cached in ``<cache>/reward_models/`` with its
 held-out accuracy; training is seeded and deterministic.
+
+**Token-level rewards** (:meth:`SentimentReward.token_rewards`). The score is a function of the set
+of *completed* words, so it splits exactly into per-token increments. Let ``W_t`` be the words that
+are known to be complete once response tokens ``1..t`` are written, and ``f(W)`` the score of those
+words (``f(empty) = bias``, in logit or probability units). Then::
+
+    r_1 = f(W_1),   r_t = f(W_t) - f(W_{t-1})   (t > 1),   so  sum_t r_t = f(W_n) = the sequence score.
+
+A word is complete when the text after it holds a character that cannot extend it (a space,
+punctuation, ...): a word split over several tokens (``" gre" + "at"``) is credited to neither of
+its pieces but to the token that ends it. The end of a word is therefore only known at the *next*
+token (``" great"`` followed by ``" movie"`` pays at ``" movie"``), or at the response's last token,
+where every word counts (an EOS, or the token where sampling stopped). That keeps ``r_t`` a function
+of the prefix up to ``a_t`` (a reward the policy can be credited for at step t), at the price of a
+one-token delay. With the mean-bag score, the new n-grams ``N_t`` of step t (the unigram and the
+bigram that the completed word adds) change the score by
+``|G_t|^-1 * sum_{g in N_t} (w_g - mean_{G_{t-1}} w)``: a new word pays its weight *relative to the
+mean so far*, which is why a neutral word after a positive one has a negative increment.
 """
 
 from __future__ import annotations
@@ -38,6 +56,7 @@ __all__ = [
     "train_sentiment_classifier",
     "load_reward_model",
     "SentimentReward",
+    "committed_words",
 ]
 
 _WORD = re.compile(r"[a-z0-9']+|[!?]")
@@ -47,6 +66,18 @@ _MIX = np.uint64(1000003)  # odd multiplier that mixes word hashes into an n-gra
 def words(text: str) -> list[str]:
     """Lower-cased words (letters, digits, apostrophes) and the punctuation that carries sentiment (! ?)."""
     return _WORD.findall(text.lower())
+
+
+_WORD_CHAR = re.compile(r"[a-z0-9']")
+
+
+def committed_words(text: str, *, final: bool) -> list[str]:
+    """The words of a prefix that later text cannot change: all of them when ``final``, else all but
+    a last word that touches the end of the prefix (the next token may still extend it)."""
+    found = words(text)
+    if not final and found and _WORD_CHAR.fullmatch(text.lower()[-1:] or " ") and found[-1] not in ("!", "?"):
+        found = found[:-1]
+    return found
 
 
 class HashedNgrams:
@@ -63,18 +94,20 @@ class HashedNgrams:
         self.ngram = ngram
         self._memo: dict[str, int] = {}
 
-    def _word_hashes(self, text: str) -> np.ndarray:
+    def _word_hashes(self, text: str | Sequence[str]) -> np.ndarray:
         memo = self._memo
         out = []
-        for w in words(text):
+        for w in (words(text) if isinstance(text, str) else text):
             h = memo.get(w)
             if h is None:
                 h = memo[w] = zlib.crc32(w.encode())
             out.append(h)
         return np.asarray(out, dtype=np.uint64)
 
-    def ids(self, text: str) -> np.ndarray:
-        """Sorted distinct bucket ids of the text's n-grams (empty for a text without words)."""
+    def ids(self, text: str | Sequence[str]) -> np.ndarray:
+        """Sorted distinct bucket ids of the text's n-grams (empty for a text without words).
+
+        ``text`` may also be a list of words already split by :func:`words`."""
         h = self._word_hashes(text)
         grams = [h]
         acc = h
@@ -124,6 +157,13 @@ class SentimentClassifier(torch.nn.Module):
         if len(texts) == 0:
             return torch.zeros(0)
         return self.forward_bags(*self.featurizer(texts))
+
+    @torch.no_grad()
+    def logits_of_words(self, word_lists: Sequence[Sequence[str]]) -> torch.Tensor:
+        """[N] log-odds of texts given as word lists (a list of no word scores ``bias``)."""
+        if len(word_lists) == 0:
+            return torch.zeros(0)
+        return self.forward_bags(*_pack([self.featurizer.ids(list(w)) for w in word_lists]))
 
     def prob(self, texts: Sequence[str]) -> torch.Tensor:
         """[N] P(positive) of each text."""
@@ -286,3 +326,28 @@ class SentimentReward:
         texts = [p + c for p, c in zip(prompts, completions)] if self.include_prompt else list(completions)
         logits = self.classifier.logits(texts)
         return torch.sigmoid(logits) if self.kind == "prob" else logits
+
+    def token_rewards(self, prompts: Sequence[str], completion_ids: Sequence[Sequence[int]], tokenizer) -> list[list[float]]:
+        """Per-token increments of the sequence score, one list per completion (module docstring).
+
+        ``completion_ids`` are the exact sampled tokens (EOS included when sampled). Prefixes are
+        decoded like the completions are (``skip_special_tokens=True``), so the increments of a
+        completion sum to ``self(prompts, completions)`` of its decoded text, to float rounding.
+        """
+        if len(prompts) != len(completion_ids):
+            raise ValueError(f"{len(prompts)} prompts but {len(completion_ids)} completions: pass one prompt per completion")
+        out = []
+        for prompt, ids in zip(prompts, completion_ids):
+            ids = list(ids)
+            if not ids:
+                out.append([])
+                continue
+            head = prompt if self.include_prompt else ""
+            prefixes = [head + tokenizer.decode(ids[:t + 1], skip_special_tokens=True) for t in range(len(ids))]
+            committed = [committed_words(p, final=t == len(ids) - 1) for t, p in enumerate(prefixes)]
+            scores = self.classifier.logits_of_words(committed).double()
+            if self.kind == "prob":
+                scores = torch.sigmoid(scores)
+            increments = torch.diff(scores, prepend=torch.zeros(1, dtype=scores.dtype))
+            out.append(increments.tolist())
+        return out

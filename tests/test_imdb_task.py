@@ -137,3 +137,43 @@ def test_module_cli_reads_yaml_and_flags(tmp_path, capsys):
     bad.write_text("model: tiny\nlearning_rat: 0.1\n")
     with pytest.raises(SystemExit, match="learning_rat"):
         main(["--config", str(bad)])
+
+
+def test_token_rewards_of_the_offline_data_sum_to_each_reward_and_are_spread_over_tokens():
+    from shiq_lab.imdb_task import add_token_rewards, offline_dataset
+    from shiq_lab.models import load_tokenizer
+    from shiq_lab.reward_model import SentimentReward
+
+    data = offline_dataset(**{**TOY_DATA, "max_new_tokens": 12})
+    reward_fn = SentimentReward(kind="prob")
+    ds = add_token_rewards(data, load_tokenizer("tiny"), reward_fn)
+    for row in ds:
+        assert len(row["token_rewards"]) == len(row["completion_ids"])
+        assert sum(row["token_rewards"]) == pytest.approx(row["reward"], abs=1e-6)
+    # words complete before the end pay before the last token
+    assert any(any(abs(r) > 1e-9 for r in row["token_rewards"][1:-1]) for row in ds)
+    with pytest.raises(ValueError, match="row 0: token rewards sum to"):
+        add_token_rewards(data.map(lambda r: {"reward": r["reward"] + 1.0}), load_tokenizer("tiny"), reward_fn)
+
+
+def test_token_level_shiq_with_lora_trains_and_differs_from_sequence_level(tmp_path):
+    from shiq_lab.imdb_task import ImdbTaskConfig, run_imdb_task
+
+    config = ImdbTaskConfig(model="tiny", loss_types=("shiq_token", "shiq"), betas=(0.5,), n_train_prompts=4,
+                            samples_per_prompt=2, max_new_tokens=8, max_steps=2, eval_every=2, batch_size=4,
+                            n_eval_prompts=4, eval_samples_per_prompt=1, use_lora=True, learning_rate=1e-2,
+                            save_models=False, output_dir=str(tmp_path / "sweep"))
+    result = run_imdb_task(config, log=lambda _: None)
+    runs = result.frontier[result.frontier["loss_type"] != "reference"].set_index("loss_type")
+    assert (runs["kl_states_mean"] > 0).all()
+    # same data, same returns, different credit assignment: different policies
+    assert runs.loc["shiq_token", "kl_states_mean"] != pytest.approx(runs.loc["shiq", "kl_states_mean"], rel=1e-6)
+
+
+def test_a_real_model_that_is_not_fetched_names_the_fetch_command(monkeypatch, tmp_path):
+    from shiq_lab import assets, imdb_task
+
+    monkeypatch.setattr(assets, "is_fetched", lambda name: False)
+    monkeypatch.setenv("SHIQ_LAB_CACHE", str(tmp_path))
+    with pytest.raises(SystemExit, match=r"make assets.*shiq-lab models fetch smollm2-135m"):
+        imdb_task.offline_dataset("smollm2-135m", n_prompts=2, cache=False)

@@ -44,3 +44,24 @@ def test_notebook_executes(path, tmp_path, monkeypatch) -> None:
     assert not errors
 
 
+
+
+#: the real-model recipe of docs/method.md (offline over-estimation on a real vocabulary)
+SMOLLM2_NB02 = {"MODEL": "smollm2-135m", "LR": 1e-4, "SHIQ_LR": 1e-3, "LORA_R": 16}
+
+
+@pytest.mark.slow
+@pytest.mark.notebook
+def test_notebook_02_on_smollm2_passes_its_value_assertions(tmp_path, monkeypatch) -> None:
+    """Notebook 02 on SmolLM2-135M-Instruct (CPU, ~15 CPU-minutes): calibration, advantage and value checks hold."""
+    from shiq_lab.assets import is_fetched
+
+    if not is_fetched("smollm2"):
+        pytest.skip("smollm2 asset not fetched (make assets)")
+    monkeypatch.setenv("SHIQ_LAB_RUNS", str(tmp_path))
+    path = next(p for p in NOTEBOOKS if p.stem.startswith("02"))
+    run_notebook(path, output_dir=tmp_path / "notebooks", parameters=SMOLLM2_NB02, timeout_per_cell=3600)
+    values = json.loads((tmp_path / "summaries" / f"{path.stem}.json").read_text())
+    assert values["model"] == "smollm2-135m"
+    assert values["calibration_max_abs"] < 1e-6
+    assert abs(values["value_before_word_learned"] - values["value_before_word_exact"]) < 0.1

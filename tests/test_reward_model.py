@@ -14,6 +14,7 @@ from shiq_lab.reward_model import (
     SentimentClassifier,
     SentimentReward,
     load_reward_model,
+    committed_words,
     train_sentiment_classifier,
     words,
 )
@@ -93,3 +94,68 @@ def test_default_classifier_held_out_accuracy():
     clf = load_reward_model()  # built once per machine into the project cache (~15 s)
     assert clf.meta["accuracy_test"] > 0.88
     assert clf.meta["accuracy_rotten_tomatoes"] > 0.68
+
+
+def _word_classifier(weights: dict[str, float], bias: float = -0.5, n_buckets: int = 4096) -> SentimentClassifier:
+    """A unigram classifier whose words have the given weights (every other bucket 0)."""
+    clf = SentimentClassifier(n_buckets=n_buckets, ngram=1)
+    with torch.no_grad():
+        clf.bias.fill_(bias)
+        for w, v in weights.items():
+            clf.weights.weight[int(clf.featurizer.ids(w)[0])] = v
+    return clf
+
+
+class _CharTokenizer:
+    """Decodes a list of string pieces (the 'ids' are indices into ``pieces``): any split of a text."""
+
+    def __init__(self, pieces: list[str]):
+        self.pieces = pieces
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces[i] for i in ids)
+
+
+def test_committed_words_hold_back_a_word_that_the_next_token_may_extend():
+    assert committed_words("a gre", final=False) == ["a"]
+    assert committed_words("a great", final=False) == ["a"]
+    assert committed_words("a great ", final=False) == ["a", "great"]
+    assert committed_words("a great", final=True) == ["a", "great"]
+    assert committed_words("great!", final=False) == ["great", "!"]  # '!' cannot be extended
+    assert committed_words("", final=False) == []
+
+
+def test_token_increments_are_hand_computed_and_pay_a_split_word_at_the_token_that_ends_it():
+    clf = _word_classifier({"great": 2.0, "movie": 1.0})
+    reward = SentimentReward(clf, kind="logit")
+    pieces = [" a", " gre", "at", " movie", "<eos>"]
+    tok = _CharTokenizer([" a", " gre", "at", " movie", ""])  # the EOS decodes to nothing
+    (inc,) = reward.token_rewards(["x"], [list(range(len(pieces)))], tok)
+    # scores of the committed words: {} -> bias; {a} -> -0.5 + 0/1; {a, great} -> -0.5 + 2/2;
+    # {a, great} again (movie not yet complete); at the final token {a, great, movie}: -0.5 + 3/3
+    expected_scores = [-0.5, -0.5, -0.5, 0.5, 0.5]
+    expected = np.diff(expected_scores, prepend=0.0)
+    # " a": the word 'a' is not complete yet (the next piece could extend it) -> bias alone
+    # " gre" completes 'a' (weight 0: the mean stays 0); " movie" completes 'great': +1;
+    # the EOS completes 'movie' (weight 1, mean (0+2+1)/3 = 1): no change
+    assert inc == pytest.approx(expected.tolist(), abs=1e-6)
+    assert sum(inc) == pytest.approx(reward(["x"], [" a great movie"]).item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["logit", "prob"])
+def test_token_increments_sum_exactly_to_the_sequence_score_for_any_split(kind):
+    gen = torch.Generator().manual_seed(0)
+    clf = SentimentClassifier(n_buckets=512, ngram=2)
+    with torch.no_grad():
+        clf.weights.weight.normal_(generator=gen)
+        clf.bias.fill_(0.3)
+    reward = SentimentReward(clf, kind=kind)
+    text = "This movie wasn't great, it was AWFUL!! Don't see it? 10/10 actors... fine"
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        cuts = sorted(set(rng.integers(1, len(text), size=int(rng.integers(1, 30))).tolist()))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        tok = _CharTokenizer(pieces)
+        (inc,) = reward.token_rewards(["p"], [list(range(len(pieces)))], tok)
+        assert len(inc) == len(pieces)
+        assert sum(inc) == pytest.approx(reward(["p"], [text]).item(), abs=1e-6)
