@@ -2,18 +2,18 @@
 
 ::
 
-    shiq-lab train --config configs/tiny_cpu.yaml [--beta 0.2 --loss_type dpo ...]
-    shiq-lab precompute-ref --config configs/tiny_cpu.yaml [--output DIR]
+    shiq-lab train --config configs/train/tiny_cpu.yaml [--beta 0.2 --loss_type dpo ...]
+    shiq-lab precompute-ref --config configs/train/tiny_cpu.yaml [--output DIR]
     shiq-lab evaluate [...]
     shiq-lab models fetch NAME [NAME ...]      # also: shiq-lab models list
 
 Every field of the YAML config is also a flag, and a flag overrides the file. The fields are those
-of :class:`RunArguments` (model, data, LoRA) and of :class:`shiq_lab.trainer.ShiQConfig` (all of
+of :class:`RunArguments` (model, data, LoRA) and of :class:`shiq_lab.train.trainer.ShiQConfig` (all of
 ``transformers.TrainingArguments`` plus the ShiQ fields); ``shiq-lab train --help`` lists them.
 
-``evaluate`` delegates to ``shiq_lab.evaluation.cli_main(argv)`` when that module provides it (task
-evaluation: sampling, rewards, KL of generations). Without it, or with ``--offline``, it computes
-the loss metrics of a checkpoint on a dataset (``--config`` + ``--checkpoint``).
+``evaluate`` runs a task's evaluator (``--task imdb`` by default: sampling, rewards, KL of generations,
+registered by :mod:`shiq_lab.tasks.imdb`); with ``--offline`` it computes the loss metrics of a checkpoint
+on a dataset (``--config`` + ``--checkpoint``). Tasks may add sub-commands (:mod:`shiq_lab.infra.registry`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,13 +55,13 @@ class RunArguments:
 def _parser(prog: str):
     from transformers import HfArgumentParser
 
-    from .trainer import ShiQConfig
+    from shiq_lab.train.trainer import ShiQConfig
 
     return HfArgumentParser((RunArguments, ShiQConfig), prog=prog)
 
 
 def _field_names() -> set[str]:
-    from .trainer import ShiQConfig
+    from shiq_lab.train.trainer import ShiQConfig
 
     return {f.name for f in dataclasses.fields(RunArguments)} | {f.name for f in dataclasses.fields(ShiQConfig) if f.init}
 
@@ -114,7 +115,8 @@ def _dtype(name: str):
 
 
 def _datasets(run: RunArguments, seed: int):
-    from .data import load_dataset_spec, split_by_prompt
+    from shiq_lab.data.batch import split_by_prompt
+    from shiq_lab.data.formats import load_dataset_spec
 
     kwargs = json.loads(run.dataset_kwargs) if run.dataset_kwargs else {}
     if not isinstance(kwargs, dict):
@@ -144,8 +146,8 @@ def _lora_config(run: RunArguments):
 
 def build_run(run: RunArguments, cfg: Any, *, with_train: bool = True):
     """``ShiQTrainer`` of a parsed config: model, reference, data and LoRA as the config says."""
-    from .models import load_model
-    from .trainer import ShiQTrainer
+    from shiq_lab.infra.models import load_model
+    from shiq_lab.train.trainer import ShiQTrainer
 
     model, tokenizer = load_model(run.model, dtype=_dtype(run.dtype))
     ref = load_model(run.ref_model, dtype=_dtype(run.dtype))[0] if run.ref_model else None
@@ -181,11 +183,16 @@ def _train(argv: list[str]) -> int:
 
 
 def _precompute(argv: list[str]) -> int:
-    from .data import tokenize_dataset
-    from .models import load_model
-    from .reference import (ReferenceCache, dataset_fingerprint, precompute_reference, reference_identity,
-                            write_reference_stats)
-    from .trainer import autocast_dtype
+    from shiq_lab.data.encode import tokenize_dataset
+    from shiq_lab.infra.models import load_model
+    from shiq_lab.reference.cache import (
+        ReferenceCache,
+        dataset_fingerprint,
+        precompute_reference,
+        reference_identity,
+        write_reference_stats,
+    )
+    from shiq_lab.train.trainer import autocast_dtype
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--output", default=None, help="write the entry here (then train with --ref_stats_path DIR)")
@@ -215,8 +222,8 @@ def _precompute(argv: list[str]) -> int:
 def _evaluate_offline(argv: list[str]) -> int:
     import torch
 
-    from .models import load_model
-    from .trainer import ShiQTrainer
+    from shiq_lab.infra.models import load_model
+    from shiq_lab.train.trainer import ShiQTrainer
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--checkpoint", required=True, help="trained model folder (full or LoRA adapter)")
@@ -243,17 +250,22 @@ def _evaluate_offline(argv: list[str]) -> int:
 def _evaluate(argv: list[str]) -> int:
     if "--offline" in argv:
         return _evaluate_offline([a for a in argv if a != "--offline"])
-    try:
-        from .evaluation import cli_main  # task evaluation (sampling, rewards, KL of generations)
-    except ImportError:
-        cli_main = None
-    if cli_main is None:
-        return _evaluate_offline(argv)
-    return int(cli_main(argv) or 0)
+    from shiq_lab.infra.registry import EVALUATORS, load_tasks
+
+    load_tasks()
+    task = "imdb"  # the one task with a generation evaluator today; `--task NAME` picks another
+    if "--task" in argv:
+        i = argv.index("--task")
+        task, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    if task not in EVALUATORS:
+        raise SystemExit(f"no evaluator for task {task!r}; tasks with one: {', '.join(sorted(EVALUATORS))}")
+    return int(EVALUATORS[task](argv) or 0)
 
 
 def _models(argv: list[str]) -> int:
-    from .models import MODEL_BUILDERS, cache_dir, model_folder
+    from shiq_lab.infra.models import MODEL_BUILDERS, cache_dir, model_folder, registered_models
+
+    registered_models()  # tasks' models too
 
     parser = argparse.ArgumentParser(prog="shiq-lab models", description="registered models (built once, offline)")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -271,7 +283,7 @@ def _models(argv: list[str]) -> int:
         if name not in MODEL_BUILDERS:
             raise SystemExit(f"unknown model {name!r}; registered: {', '.join(MODEL_BUILDERS)}")
         if name == "smollm2-135m":
-            from .assets import fetch as fetch_asset
+            from shiq_lab.infra.assets import fetch as fetch_asset
 
             fetch_asset("smollm2")
         print(f"{name}: {model_folder(name, rebuild=args.rebuild)}")
@@ -286,9 +298,18 @@ COMMANDS = {
 }
 
 
+def _commands() -> dict[str, tuple[Callable[[list[str]], int], str]]:
+    """The core's sub-commands, then those tasks register."""
+    from shiq_lab.infra.registry import COMMANDS as TASK_COMMANDS
+    from shiq_lab.infra.registry import load_tasks
+
+    load_tasks()
+    return {**COMMANDS, **{k: v for k, v in TASK_COMMANDS.items() if k not in COMMANDS}}
+
+
 def _usage() -> str:
     lines = ["usage: shiq-lab COMMAND [--config FILE] [--field value ...]", "", "commands:"]
-    lines += [f"  {name:15s} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:15s} {help_}" for name, (_, help_) in _commands().items()]
     lines += ["", "`shiq-lab COMMAND --help` lists every field."]
     return "\n".join(lines)
 
@@ -300,10 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
+    commands = COMMANDS if cmd in COMMANDS else _commands()
+    if cmd not in commands:
         print(f"shiq-lab: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return COMMANDS[cmd][0](rest)
+    return commands[cmd][0](rest)
 
 
 if __name__ == "__main__":

