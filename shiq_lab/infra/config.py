@@ -106,7 +106,7 @@ def _with_list_fields(cls: type) -> type:
             continue
         if f.name in tuples:
             default = f.default
-            specs.append((f.name, list[tuples[f.name]], dataclasses.field(  # type: ignore[valid-type]
+            specs.append((f.name, list[tuples[f.name]], dataclasses.field(  # type: ignore[name-defined,valid-type]
                 default_factory=(lambda d=default: list(d)), metadata=f.metadata)))
         else:
             kw = {"default": f.default} if f.default is not dataclasses.MISSING else {}
