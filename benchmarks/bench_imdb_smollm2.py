@@ -20,14 +20,14 @@ import torch
 import yaml
 
 from benchmarks.common import RESULTS_DIR, machine_info
-from shiq_lab.imdb_task import ImdbTaskConfig, run_imdb_task
+from shiq_lab.tasks.imdb.sweep import run_imdb_task, split_config
 from shiq_lab.tasks.imdb.report import results_record, write_results
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sweep" / "imdb_smollm2_cpu.yaml"
 
 #: a smoke run: the same code path at a size that runs in a few minutes
-QUICK = dict(n_train_prompts=8, max_steps=4, batch_size=8, eval_every=2, n_eval_prompts=8, betas=[0.5],
-             output_dir="runs/bench_imdb_smollm2_quick")
+QUICK = dict(n_train_prompts=8, max_steps=4, per_device_train_batch_size=8, eval_every=2, n_eval_prompts=8,
+             betas=[0.5], output_dir="runs/bench_imdb_smollm2_quick")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,11 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         values.update(QUICK)
     values["progress"] = True
-    config = ImdbTaskConfig(**values)
-    result = run_imdb_task(config)
+    config, training = split_config(values)
+    result = run_imdb_task(config, training)
     command = "make bench-imdb-smollm2" if Path(args.config).resolve() == CONFIG and not args.quick else \
         f"python -m benchmarks.bench_imdb_smollm2 --config {args.config}" + (" --quick" if args.quick else "")
-    out = Path(args.out) if args.out else (Path(config.output_dir) / "results" if args.quick else RESULTS_DIR)
+    out = Path(args.out) if args.out else (Path(training.output_dir) / "results" if args.quick else RESULTS_DIR)
     machine = machine_info(torch.device(config.device))
     record = results_record(result, command=command, machine=machine)
     paths = write_results(record, out, frontier=result.frontier)

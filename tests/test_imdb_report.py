@@ -8,9 +8,9 @@ import pandas as pd
 import pytest
 from datasets import Dataset
 
-from shiq_lab.evaluation import FRONTIER_COLUMNS
-from shiq_lab.imdb_task import ImdbTaskConfig, ImdbTaskResult
+from shiq_lab.evaluation.generations import FRONTIER_COLUMNS
 from shiq_lab.tasks.imdb import report
+from shiq_lab.tasks.imdb.sweep import ImdbTaskConfig, ImdbTaskResult, default_training
 
 
 class _Eval:
@@ -18,8 +18,8 @@ class _Eval:
 
 
 def _result() -> ImdbTaskResult:
-    cfg = ImdbTaskConfig(model="smollm2-135m", loss_types=("shiq_token", "dpo"), betas=(0.1, 0.5), max_steps=16,
-                         batch_size=16, eval_every=8, use_lora=True)
+    cfg = ImdbTaskConfig(model="smollm2-135m", loss_types=["shiq_token", "dpo"], betas=[0.1, 0.5], eval_every=8, use_lora=True)
+    training = default_training(max_steps=16, per_device_train_batch_size=16)
     rows = [{"label": "reference", "loss_type": "reference", "beta": float("nan"), "step": 0, "reward_mean": 0.5,
              "reward_sem": 0.03, "kl_mean": 0.0, "kl_sem": 0.0, "kl_states_mean": 0.0, "kl_states_sem": 0.0,
              "length_mean": 16.0, "finished_fraction": 0.1, "n": 64, "path": ""}]
@@ -32,7 +32,7 @@ def _result() -> ImdbTaskResult:
                          "finished_fraction": 0.1, "n": 64, "path": ""})
     frame = pd.DataFrame(rows)[FRONTIER_COLUMNS]
     ds = Dataset.from_dict({"reward": [0.2, 0.6, 0.7, 0.5], "finished": [True, False, False, True]})
-    return ImdbTaskResult(config=cfg, frontier=frame, history=pd.DataFrame(), reference_eval=_Eval(), final_evals={},
+    return ImdbTaskResult(config=cfg, training=training, frontier=frame, history=pd.DataFrame(), reference_eval=_Eval(), final_evals={},
                           classifier_meta={"accuracy_test": 0.9, "accuracy_test_windows": 0.7355, "accuracy_rotten_tomatoes": 0.73},
                           dataset=ds, paths={}, seconds=1234.5)
 
@@ -70,3 +70,13 @@ def test_files_are_byte_deterministic_and_the_readme_block_reads_the_json(tmp_pa
 
 def test_readme_block_before_any_run(tmp_path):
     assert "make bench-imdb-smollm2" in report.readme_section(tmp_path)
+
+
+def test_readme_block_is_generated_from_the_committed_results():
+    """The README's imdb-smollm2 block is exactly what the committed JSON renders (never edited by hand)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert report.readme_block(readme) == report.readme_section(root), \
+        "README block imdb-smollm2 is stale: run python -m shiq_lab.tasks.imdb.report"

@@ -8,7 +8,7 @@ import json
 import nbformat
 import pytest
 
-from shiq_lab.notebook_runner import list_notebooks, run_notebook
+from shiq_lab.infra.notebook_runner import list_notebooks, run_notebook
 
 NOTEBOOKS = list_notebooks()
 
@@ -54,7 +54,7 @@ SMOLLM2_NB02 = {"MODEL": "smollm2-135m", "LR": 1e-4, "SHIQ_LR": 1e-3, "LORA_R": 
 @pytest.mark.notebook
 def test_notebook_02_on_smollm2_passes_its_value_assertions(tmp_path, monkeypatch) -> None:
     """Notebook 02 on SmolLM2-135M-Instruct (CPU, ~15 CPU-minutes): calibration, advantage and value checks hold."""
-    from shiq_lab.assets import is_fetched
+    from shiq_lab.infra.assets import is_fetched
 
     if not is_fetched("smollm2"):
         pytest.skip("smollm2 asset not fetched (make assets)")

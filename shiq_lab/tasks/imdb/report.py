@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 __all__ = ["RUN_LABELS", "results_record", "write_results", "render_markdown", "readme_section", "gain_se",
            "best_at_kl", "responses_to_target", "final_points"]
@@ -46,14 +46,14 @@ def _r(x: float, nd: int = 4) -> float | None:
 
 def results_record(result: Any, *, command: str, machine: dict[str, Any], target_gain: float = 0.05) -> dict[str, Any]:
     """A JSON-ready record of a sweep (``result`` is an ``ImdbTaskResult``)."""
-    cfg = result.config
+    cfg = _flat_config(result)
     frame = result.frontier
     ref = result.reference_eval
     points = []
     for _, row in frame[frame["loss_type"] != "reference"].iterrows():
         points.append({
             "run": row["loss_type"], "beta": _r(row["beta"]), "step": int(row["step"]),
-            "responses": int(row["step"]) * int(cfg.batch_size),
+            "responses": int(row["step"]) * int(cfg["batch_size"]),
             "reward_mean": _r(row["reward_mean"]), "reward_sem": _r(row["reward_sem"]),
             "kl_states_mean": _r(row["kl_states_mean"]), "kl_states_sem": _r(row["kl_states_sem"]),
             "kl_mean": _r(row["kl_mean"]), "length_mean": _r(row["length_mean"], 2),
@@ -63,7 +63,7 @@ def results_record(result: Any, *, command: str, machine: dict[str, Any], target
     return {
         "name": RESULTS_NAME,
         "command": command,
-        "config": cfg.to_dict(),
+        "config": cfg,
         "machine": machine,
         "seconds": round(result.seconds, 1),
         "classifier": {k: _r(result.classifier_meta[k], 3) for k in
@@ -75,6 +75,25 @@ def results_record(result: Any, *, command: str, machine: dict[str, Any], target
         "target_reward": _r(ref.reward_mean + target_gain),
         "points": points,
     }
+
+
+#: the settings a results page states (task fields, then training fields under their 0.1 names)
+_TASK_FIELDS = ("model", "loss_types", "betas", "n_train_prompts", "samples_per_prompt", "n_words", "max_new_tokens",
+                "reward", "use_lora", "lora_r", "lora_alpha", "eval_every", "n_eval_prompts", "eval_samples_per_prompt",
+                "eval_seed", "sample_batch_size", "device", "cpu_threads", "dtype")
+_TRAINING_FIELDS = {"max_steps": "max_steps", "batch_size": "per_device_train_batch_size", "learning_rate": "learning_rate",
+                    "lr_scheduler_type": "lr_scheduler_type", "reward_normalization": "reward_normalization",
+                    "max_length": "max_length", "seed": "seed"}
+
+
+def _flat_config(result: Any) -> dict[str, Any]:
+    task = result.config.to_dict()
+    out = {k: task[k] for k in _TASK_FIELDS}
+    out["loss_types"], out["betas"] = list(out["loss_types"]), [float(b) for b in out["betas"]]
+    for name, attr in _TRAINING_FIELDS.items():
+        value = getattr(result.training, attr)
+        out[name] = getattr(value, "value", value)  # enums (lr_scheduler_type) as their string
+    return out
 
 
 def gain_se(point: dict[str, Any], reference: dict[str, Any]) -> float:
@@ -166,7 +185,7 @@ def render_markdown(record: dict[str, Any]) -> str:
         "",
         f"Generated from `{record['name']}.json` by `shiq_lab.tasks.imdb.report`; reproduce with `{record['command']}`.",
         "",
-        f"Setting: {'LoRA r=%d' % cfg['lora_r'] if cfg['use_lora'] else 'full fine-tuning'}, lr {cfg['learning_rate']:g} "
+        f"Setting: {'LoRA r=' + str(cfg['lora_r']) if cfg['use_lora'] else 'full fine-tuning'}, lr {cfg['learning_rate']:g} "
         f"({cfg['lr_scheduler_type']}), {cfg['max_steps']} steps of {cfg['batch_size']} responses, prompts of "
         f"{cfg['n_words']} words, responses of at most {cfg['max_new_tokens']} tokens, rewards "
         f"{cfg['reward_normalization']}-scored (β in units of the reward's standard deviation), evaluated every "
@@ -196,7 +215,7 @@ def write_results(record: dict[str, Any], out_dir: str | Path, frontier=None) ->
     paths["json"].write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     paths["md"].write_text(render_markdown(record))
     if frontier is not None:
-        from ...evaluation import plot_frontier
+        from shiq_lab.evaluation.frontier import plot_frontier
 
         paths["html"] = out / f"{record['name']}.html"
         fig = plot_frontier(frontier, title="Reward-KL frontier, SmolLM2-135M on IMDB (CPU sweep)")
@@ -221,5 +240,32 @@ def readme_section(root: Path) -> str:
     return "\n".join([intro, ""] + _tables(record)) + "\n"
 
 
-def _runs_in(record: dict[str, Any]) -> Sequence[str]:  # kept for notebooks
-    return _runs(record)
+README_MARKERS = ("<!-- BEGIN generated: imdb-smollm2 -->", "<!-- END generated: imdb-smollm2 -->")
+
+
+def readme_block(readme_text: str) -> str:
+    """The text between this section's marker lines in a README (without the markers)."""
+    begin, end = README_MARKERS
+    if begin not in readme_text or end not in readme_text:
+        raise ValueError(f"README has no {begin} ... {end} block: add the two marker lines where the section goes")
+    return readme_text.split(begin + "\n", 1)[1].split(end, 1)[0]
+
+
+def write_readme_block(root: Path) -> bool:
+    """Rewrite the README block from the committed JSON; True when it changed."""
+    path = Path(root) / "README.md"
+    text = path.read_text()
+    old = readme_block(text)
+    new = readme_section(Path(root))
+    if old == new:
+        return False
+    path.write_text(text.replace(README_MARKERS[0] + "\n" + old + README_MARKERS[1], README_MARKERS[0] + "\n" + new + README_MARKERS[1]))
+    return True
+
+
+if __name__ == "__main__":  # python -m shiq_lab.tasks.imdb.report: rewrite the README block
+    import sys
+
+    root = Path(__file__).resolve().parents[3]
+    print("README block imdb-smollm2 " + ("rewritten" if write_readme_block(root) else "already current"))
+    sys.exit(0)
