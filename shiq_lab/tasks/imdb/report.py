@@ -173,7 +173,30 @@ def _tables(record: dict[str, Any]) -> list[str]:
         lines.append(f"| {RUN_LABELS.get(run, run)} | " + " | ".join(_fmt_point(best_at_kl(record, run, k), ref)
                                                                     for k in KL_LEVELS)
                      + f" | {n if n is not None else 'not reached'} |")
+    lines += ["", *_verdict(record)]
     return lines
+
+
+def _verdict(record: dict[str, Any]) -> list[str]:
+    """The issue's two questions, answered from the numbers (sentences generated, never typed)."""
+    ref = record["reference"]
+    out = []
+    for run in ("shiq_token", "shiq"):
+        best = best_at_kl(record, run, 5.0)
+        if best is None:
+            continue
+        g = gain_se(best, ref)
+        out.append(f"- {RUN_LABELS[run]}: best held-out gain at KL ≤ 5 is {best['reward_mean'] - ref['reward_mean']:+.3f} "
+                   f"({g:+.1f} s.e.), {'more' if g > 3 else 'not more'} than 3 standard errors over the reference.")
+    tok, seq = (best_at_kl(record, r, 5.0) for r in ("shiq_token", "shiq"))
+    if tok is not None and seq is not None:
+        diff = tok["reward_mean"] - seq["reward_mean"]
+        se = math.hypot(tok["reward_sem"], seq["reward_sem"])
+        nt, ns = responses_to_target(record, "shiq_token"), responses_to_target(record, "shiq")
+        out.append(f"- Token against sequence rewards (ShiQ, best at KL ≤ 5): {diff:+.3f} ± {se:.3f} "
+                   f"({diff / se:+.1f} s.e.); responses to the target: {nt if nt is not None else 'not reached'} "
+                   f"against {ns if ns is not None else 'not reached'}.")
+    return out
 
 
 def render_markdown(record: dict[str, Any]) -> str:
