@@ -7,7 +7,7 @@ The README block is generated from the JSON (``python -m shiq_lab.infra.readme -
 
     python -m benchmarks.bench_imdb_smollm2            # the committed run (configs/sweep/imdb_smollm2_cpu.yaml)
     python -m benchmarks.bench_imdb_smollm2 --quick    # minutes-long smoke run, written under runs/ only
-    python -m benchmarks.bench_imdb_smollm2 --config configs/imdb_sweep_smollm2.yaml --out runs/gpu   # GPU scale
+    python -m benchmarks.bench_imdb_smollm2 --config configs/sweep/imdb_sweep_smollm2.yaml --name imdb_smollm2_gpu  # one GPU
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(CONFIG), help="YAML of ImdbTaskConfig fields")
     parser.add_argument("--quick", action="store_true", help="smoke run; results go under runs/, never benchmarks/results/")
     parser.add_argument("--out", default=None, help="results folder (default: benchmarks/results, or runs/ with --quick)")
+    parser.add_argument("--name", default="imdb_smollm2_cpu", help="results file name (the GPU run: imdb_smollm2_gpu)")
     args = parser.parse_args(argv)
     values = yaml.safe_load(Path(args.config).read_text()) or {}
     if args.quick:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         f"python -m benchmarks.bench_imdb_smollm2 --config {args.config}" + (" --quick" if args.quick else "")
     out = Path(args.out) if args.out else (Path(training.output_dir) / "results" if args.quick else RESULTS_DIR)
     machine = machine_info(torch.device(config.device))
-    record = results_record(result, command=command, machine=machine)
+    record = results_record(result, command=command, machine=machine, name=args.name)
     paths = write_results(record, out, frontier=result.frontier)
     print(paths["md"].read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -80,3 +80,14 @@ def test_readme_block_is_generated_from_the_committed_results():
     readme = (root / "README.md").read_text()
     assert report.readme_block(readme) == report.readme_section(root), \
         "README block imdb-smollm2 is stale: run python -m shiq_lab.tasks.imdb.report"
+
+
+def test_committed_results_page_is_rendered_from_the_committed_json():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    record = report.load_record(root)
+    if record is None:
+        pytest.skip("no committed SmolLM2 sweep yet")
+    md = (root / "benchmarks" / "results" / f"{record['name']}.md").read_text()
+    assert md == report.render_markdown(record), "stale results page: run python -m shiq_lab.tasks.imdb.report"

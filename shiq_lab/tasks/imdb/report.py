@@ -44,8 +44,9 @@ def _r(x: float, nd: int = 4) -> float | None:
     return None if math.isnan(x) else round(x, nd)
 
 
-def results_record(result: Any, *, command: str, machine: dict[str, Any], target_gain: float = 0.05) -> dict[str, Any]:
-    """A JSON-ready record of a sweep (``result`` is an ``ImdbTaskResult``)."""
+def results_record(result: Any, *, command: str, machine: dict[str, Any], target_gain: float = 0.05,
+                   name: str = RESULTS_NAME) -> dict[str, Any]:
+    """A JSON-ready record of a sweep (``result`` is an ``ImdbTaskResult``); ``name`` names its files."""
     cfg = _flat_config(result)
     frame = result.frontier
     ref = result.reference_eval
@@ -61,7 +62,7 @@ def results_record(result: Any, *, command: str, machine: dict[str, Any], target
         })
     ds = result.dataset
     return {
-        "name": RESULTS_NAME,
+        "name": name,
         "command": command,
         "config": cfg,
         "machine": machine,
@@ -286,9 +287,24 @@ def write_readme_block(root: Path) -> bool:
     return True
 
 
-if __name__ == "__main__":  # python -m shiq_lab.tasks.imdb.report: rewrite the README block
+def rerender(root: Path, name: str = RESULTS_NAME) -> list[Path]:
+    """Rewrite ``<name>.md`` and the README block from the committed ``<name>.json``; returns what changed."""
+    changed = []
+    record = load_record(root, name)
+    if record is not None:
+        md = Path(root) / "benchmarks" / "results" / f"{name}.md"
+        text = render_markdown(record)
+        if not md.exists() or md.read_text() != text:
+            md.write_text(text)
+            changed.append(md)
+    if name == RESULTS_NAME and write_readme_block(root):
+        changed.append(Path(root) / "README.md")
+    return changed
+
+
+if __name__ == "__main__":  # python -m shiq_lab.tasks.imdb.report: re-render the page and the README block
     import sys
 
-    root = Path(__file__).resolve().parents[3]
-    print("README block imdb-smollm2 " + ("rewritten" if write_readme_block(root) else "already current"))
+    changed = rerender(Path(__file__).resolve().parents[3])
+    print("rewrote " + ", ".join(str(c) for c in changed) if changed else "README block and results page already current")
     sys.exit(0)
