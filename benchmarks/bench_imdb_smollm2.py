@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     config, training = split_config(values)
     result = run_imdb_task(config, training)
     command = "make bench-imdb-smollm2" if Path(args.config).resolve() == CONFIG and not args.quick else \
-        f"python -m benchmarks.bench_imdb_smollm2 --config {args.config}" + (" --quick" if args.quick else "")
+        f"python -m benchmarks.bench_imdb_smollm2 --config {args.config}" + (" --quick" if args.quick else "") \
+        + (f" --name {args.name}" if args.name != "imdb_smollm2_cpu" else "")
     out = Path(args.out) if args.out else (Path(training.output_dir) / "results" if args.quick else RESULTS_DIR)
     machine = machine_info(torch.device(config.device))
     record = results_record(result, command=command, machine=machine, name=args.name)

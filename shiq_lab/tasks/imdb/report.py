@@ -219,7 +219,8 @@ def render_markdown(record: dict[str, Any]) -> str:
         "on 8-48-word windows).",
         "",
         f"Wall time {record['seconds'] / 60:.1f} min on {m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, "
-        f"torch threads {m.get('torch_threads', '?')}; load average at the end {m.get('loadavg_1m_5m_15m', '?')}).",
+        f"torch threads {cfg.get('cpu_threads') or m.get('torch_threads', '?')}; load average at the end "
+        f"{m.get('loadavg_1m_5m_15m', '?')}).",
         "",
     ]
     rows = ["", "## Every evaluated point", "", "| run | β | step | responses | reward | s.e. | KL per state | KL sampled | length | finished |",
