@@ -93,6 +93,7 @@ def offline_dataset(
     the function a ``shiq-lab train`` config names: ``dataset: shiq_lab.tasks.imdb.sweep:offline_dataset``.
     ``cpu_threads`` applies while sampling on the CPU.
     """
+    _require_model(model)
     settings = dict(model=model, n_prompts=n_prompts, samples_per_prompt=samples_per_prompt, n_words=n_words,
                     max_new_tokens=max_new_tokens, seed=seed, reward=reward, batch_size=batch_size)
     # the model's weights and the classifier's training config are part of the key: rebuilding either
@@ -103,7 +104,6 @@ def offline_dataset(
     if cache and (folder / "dataset_info.json").exists():
         return load_from_disk(str(folder))
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    _require_model(model)
     reference, tokenizer = load_model(model, device=device)
     prompts = imdb_prompts("train", n_prompts, n_words=n_words, seed=seed)
     reward_fn = SentimentReward(load_reward_model(), kind=reward)
