@@ -44,12 +44,17 @@ import torch
 from datasets import Dataset
 from safetensors.numpy import load_file, save_file
 
-from shiq_lab.lm.stats import causal_lm_parts, token_stats
+from shiq_lab.lm.modes import as_reference, device_of
+from shiq_lab.lm.stats import action_positions, causal_lm_parts, token_stats
+from shiq_lab.lm.value_head import VALUE_HEAD_NAME
 
 logger = logging.getLogger(__name__)
 
-#: bump when the meaning or layout of stored statistics changes: old entries are then never read
-STATS_VERSION = 1
+#: bump when the meaning, the layout or the numerics of stored statistics change: old entries are then
+#: never read. 2: token_stats gathers response states by position (one code path for every caller), so
+#: its floating-point summation differs from version 1's in the last bits; a version-1 entry would break
+#: the exact zero at theta = ref.
+STATS_VERSION = 2
 
 _RUNTIME_CONFIG_KEYS = {
     "_name_or_path", "transformers_version", "_commit_hash", "use_cache", "output_hidden_states",
@@ -96,7 +101,7 @@ def _base_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
     """Parameters of the model without adapters, named as in the plain model."""
     core, _, _ = causal_lm_parts(model)
     for name, p in core.named_parameters():
-        if "lora_" in name or "modules_to_save" in name or "shiq_value_head" in name:
+        if "lora_" in name or "modules_to_save" in name or VALUE_HEAD_NAME in name:
             continue
         yield name.replace(".base_layer", ""), p
 
@@ -241,20 +246,6 @@ class ReferenceCache:
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _reference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, and adapters disabled for a PEFT model (the reference is its base)."""
-    was_training = model.training
-    model.eval()
-    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") \
-        else contextlib.nullcontext()
-    try:
-        with torch.no_grad(), adapters:
-            yield
-    finally:
-        model.train(was_training)
-
-
 def compute_reference_stats(
     model: torch.nn.Module,
     ds: Dataset,
@@ -273,7 +264,7 @@ def compute_reference_stats(
     from shiq_lab.data.batch import ShiQCollator
 
     if device is None:
-        device = next(model.parameters()).device
+        device = device_of(model)
     device = torch.device(device)
     autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None \
         else contextlib.nullcontext()
@@ -281,14 +272,17 @@ def compute_reference_stats(
     logp_rows: list[np.ndarray] = []
     logz_rows: list[np.ndarray] = []
     cols = _flat_indices(ds).select_columns(["input_ids", "action_mask", "token_rewards"])
-    with _reference_mode(model):
+    # the reference of a PEFT model is its base (adapters disabled); any other model is its own
+    with torch.no_grad(), as_reference(model, plain_is_reference=True) as reference:
         for start in range(0, len(cols), batch_size):
             rows = cols[start:start + batch_size]
             feats = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
             batch = collate(feats)
+            positions = action_positions(batch["action_mask"]).to(device)  # on the host, as the trainer's collator
             ids, am, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "action_mask"))
             with autocast:
-                logp, logz = token_stats(model, ids, am, mask, chunk_size=chunk_size, logits_mode=logits_mode)
+                logp, logz = token_stats(reference, ids, am, mask, chunk_size=chunk_size, logits_mode=logits_mode,
+                                         positions=positions)
             lengths = batch["attention_mask"].sum(1).tolist()
             for b, n in enumerate(lengths):
                 logp_rows.append(logp[b, :n].float().cpu().numpy())

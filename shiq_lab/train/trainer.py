@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,17 +59,23 @@ from shiq_lab.data.batch import ShiQCollator, group_by_prompt
 from shiq_lab.data.encode import tokenize_dataset
 from shiq_lab.data.formats import TRUNCATION_POLICIES
 from shiq_lab.data.rewards import normalize_rewards
-from shiq_lab.lm.stats import causal_lm_parts, resolve_logits_mode, token_stats
-from shiq_lab.losses import LOSS_TYPES, copg_loss, dpo_loss, dro_loss, shiq_loss
+from shiq_lab.lm.stats import action_positions, causal_lm_parts, check_token_ids, resolve_logits_mode, token_stats
+from shiq_lab.lm.value_head import (
+    VALUE_HEAD_FILE,
+    VALUE_HEAD_NAME,
+    ValueHead,
+    attach_value_head,
+    load_value_head,
+    save_value_head,
+    value_head_of,
+)
+from shiq_lab.losses import LOSS_TYPES, LOSSES, LossOutput, copg_loss, dpo_loss, dro_loss, shiq_loss, trusted_inputs
 from shiq_lab.reference.cache import precompute_reference
 
 __all__ = ["ShiQConfig", "ShiQTrainer", "ValueHead", "VALUE_HEAD_NAME", "VALUE_HEAD_FILE", "autocast_dtype"]
 
 logger = logging.getLogger(__name__)
 
-VALUE_HEAD_NAME = "shiq_value_head"
-VALUE_HEAD_FILE = "shiq_value_head.safetensors"
-_PAIRWISE = {"dpo": "preference", "copg": "all"}
 
 
 @dataclass
@@ -133,17 +138,21 @@ class ShiQConfig(TrainingArguments):
         super().__post_init__()
 
 
-class ValueHead(nn.Module):
-    """DRO's V_phi(x): a zero-initialised linear map of the prompt's final hidden state, in fp32."""
+class _WithPositions:
+    """A collator whose batches also carry ``action_positions`` (:func:`shiq_lab.lm.stats.action_positions`).
 
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+    Computed here, on the host, before the batch moves to the device: the step then gathers the
+    response states with an index whose length the host already knows (no device sync).
+    """
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+    def __init__(self, collator: Any):
+        self.collator = collator
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        if "action_mask" in batch and "action_positions" not in batch:
+            batch["action_positions"] = action_positions(batch["action_mask"])
+        return batch
 
 
 class ShiQTrainer(Trainer):
@@ -188,14 +197,13 @@ class ShiQTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         self.reward_stats: dict[str, float] = {"mean": 0.0, "std": 1.0}
-        self._metric_sums: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        # per split: running sums of metrics as device tensors, read once per logging step
+        self._metric_sums: dict[str, dict[str, torch.Tensor | float]] = {"train": {}, "eval": {}}
         self._last_log_time: float | None = None
 
         if args.loss_type == "dro":
             core, _, head = causal_lm_parts(model)
-            hidden_size = getattr(core.config, "hidden_size", None) or head.weight.shape[1]
-            if not hasattr(model, VALUE_HEAD_NAME):
-                setattr(model, VALUE_HEAD_NAME, ValueHead(hidden_size))
+            attach_value_head(model, getattr(core.config, "hidden_size", None) or head.weight.shape[1])
 
         # The reference statistics are computed where training will run (one process computes and
         # writes the cache, the others read it).
@@ -217,7 +225,8 @@ class ShiQTrainer(Trainer):
         del reference, ref_model
 
         if data_collator is None:
-            data_collator = ShiQCollator(processing_class.pad_token_id, pair_mode=_PAIRWISE.get(args.loss_type))
+            data_collator = ShiQCollator(processing_class.pad_token_id, pair_mode=LOSSES[args.loss_type].pairing)
+        data_collator = _WithPositions(data_collator)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self._logits_mode = self._pick_logits_mode()
@@ -262,7 +271,8 @@ class ShiQTrainer(Trainer):
                     use_cache=args.use_ref_cache, stats_path=stats_path, reference_id=args.reference_id,
                     chunk_size=args.logits_chunk_size, logits_mode=args.logits_mode,
                     autocast_dtype=autocast_dtype(args))
-        if args.loss_type in _PAIRWISE:
+        _check_rows(ds, reference, split)
+        if LOSSES[args.loss_type].pairwise:
             ds = group_by_prompt(ds)
             if args.loss_type == "dpo":
                 before = len(ds)
@@ -288,13 +298,15 @@ class ShiQTrainer(Trainer):
                 return "full"
         return resolve_logits_mode(self.model, mode)
 
-    def _loss_items(self, batch: dict[str, torch.Tensor]) -> int:
-        """Number of terms the loss averages over in one micro-batch."""
+    def _loss_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
+        """Number of terms the loss averages over in one micro-batch (a device tensor for tokens: no sync)."""
         lt = self.args.loss_type
-        if lt in _PAIRWISE:
-            return int(batch["pairs"].shape[0])
+        if LOSSES[lt].pairwise:
+            return int(batch["pairs"].shape[0])  # a shape: known on the host
         if lt == "shiq" and self.args.loss_reduction == "token":
-            return int(batch["action_mask"][:, 1:].sum())
+            if "action_positions" in batch:
+                return int(batch["action_positions"].shape[0])
+            return batch["action_mask"][:, 1:].sum()
         return int(batch["input_ids"].shape[0])
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
@@ -311,7 +323,8 @@ class ShiQTrainer(Trainer):
         """Items of the whole optimizer step: every micro-batch, summed over processes."""
         if not batch_samples:
             return None
-        count = torch.tensor(float(sum(self._loss_items(b) for b in batch_samples)), device=device)
+        count = torch.stack([torch.as_tensor(self._loss_items(b), dtype=torch.float32, device=device).reshape(())
+                             for b in batch_samples]).sum()
         if self.args.world_size > 1 and self.args.average_tokens_across_devices:
             count = self.accelerator.gather(count.reshape(1)).sum()
         return count
@@ -323,29 +336,39 @@ class ShiQTrainer(Trainer):
                              "prepare_dataset; a custom collator must keep those columns")
         ids, am, mask = inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"]
         a = self.args
-        logp, logz, hidden = token_stats(model, ids, am, mask, chunk_size=a.logits_chunk_size,
-                                         logits_mode=self._logits_mode, return_hidden=True)
-        lp, lz, m = logp[:, 1:], logz[:, 1:], mask[:, 1:]
-        rlp, rlz, r = inputs["ref_logp"][:, 1:], inputs["ref_logz"][:, 1:], inputs["token_rewards"][:, 1:]
-        count = self._loss_items(inputs)
-        if a.loss_type in _PAIRWISE and count == 0:
-            # no pair on this process this step: a zero loss that still touches the graph (DDP)
-            return None, 0, (lp * m).sum() * 0.0
+        # the data were validated once per dataset (prepare_dataset): no value checks, hence no host syncs, here
+        with trusted_inputs():
+            logp, logz, hidden = token_stats(model, ids, am, mask, chunk_size=a.logits_chunk_size,
+                                             logits_mode=self._logits_mode, return_hidden=True,
+                                             positions=inputs.get("action_positions"))
+            lp, lz, m = logp[:, 1:], logz[:, 1:], mask[:, 1:]
+            rlp, rlz, r = inputs["ref_logp"][:, 1:], inputs["ref_logz"][:, 1:], inputs["token_rewards"][:, 1:]
+            count = self._loss_items(inputs)
+            if LOSSES[a.loss_type].pairwise and count == 0:  # count is a shape here: no sync
+                # no pair on this process this step: a zero loss that still touches the graph (DDP)
+                return None, 0, (lp * m).sum() * 0.0
+            out = self._loss(model, inputs, hidden, lp, lz, m, rlp, rlz, r)
+        self._record("train" if model.training else "eval", out, count, lp.detach(), rlp, m, am.sum(),
+                     n_pairs=int(inputs["pairs"].shape[0]) if "pairs" in inputs else 0)
+        return out, count, None
+
+    def _loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], hidden: torch.Tensor, lp: torch.Tensor,
+              lz: torch.Tensor, m: torch.Tensor, rlp: torch.Tensor, rlz: torch.Tensor, r: torch.Tensor) -> LossOutput:
+        a = self.args
         if a.loss_type == "shiq":
             out = shiq_loss(lp, lz, rlp, rlz, r, m, beta=a.beta, horizon=a.horizon,
                             detach_bootstrap=a.detach_bootstrap, reduction=a.loss_reduction)
-        elif a.loss_type == "dpo":
+            return out
+        if a.loss_type == "dpo":
             pairs = inputs["pairs"]
-            out = dpo_loss(lp, rlp, m, beta=a.beta, chosen=pairs[:, 0], rejected=pairs[:, 1])
-        elif a.loss_type == "copg":
-            out = copg_loss(lp, rlp, r, m, beta=a.beta, pairs=inputs["pairs"])
-        else:  # dro
-            head = getattr(_unwrap(model), VALUE_HEAD_NAME)
-            rows = torch.arange(ids.shape[0], device=ids.device)
-            prompt_state = hidden[rows, inputs["prompt_length"] - 1].detach()
-            out = dro_loss(lp, rlp, r, m, head(prompt_state), beta=a.beta)
-        self._record("train" if model.training else "eval", out, count, lp.detach(), rlp, m, int(am.sum()))
-        return out, count, None
+            return dpo_loss(lp, rlp, m, beta=a.beta, chosen=pairs[:, 0], rejected=pairs[:, 1])
+        if a.loss_type == "copg":
+            return copg_loss(lp, rlp, r, m, beta=a.beta, pairs=inputs["pairs"])
+        # dro
+        head = value_head_of(model)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        prompt_state = hidden[rows, inputs["prompt_length"] - 1].detach()
+        return dro_loss(lp, rlp, r, m, head(prompt_state), beta=a.beta)
 
     def compute_loss(
         self,
@@ -379,43 +402,54 @@ class ShiQTrainer(Trainer):
     # metrics and logging
     # ------------------------------------------------------------------------------------------
 
-    def _record(self, split: str, out: Any, count: int, lp: torch.Tensor, rlp: torch.Tensor, m: torch.Tensor,
-                tokens: int) -> None:
+    def _record(self, split: str, out: LossOutput, count: torch.Tensor | int, lp: torch.Tensor, rlp: torch.Tensor,
+                m: torch.Tensor, tokens: torch.Tensor, *, n_pairs: int = 0) -> None:
+        """Add this micro-batch's metrics to the running sums, as device tensors (no host sync)."""
         sums = self._metric_sums[split]
         with torch.no_grad():
-            lr = torch.where(m.bool(), lp - rlp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+            bm = m.bool()
+            zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+            lr = torch.where(bm, lp - rlp, zero)
             # r ln r - r + 1 (r = pi/ref): unbiased for KL(pi||ref) under ref's samples (E_ref[r] = 1),
             # and never negative term by term
             ratio = lr.exp()
-            kl = torch.where(m.bool(), ratio * lr - ratio + 1, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(1)
-            n_seq = float(m.shape[0])
-            add = {"kl": float(kl.sum()), "logratio": float(lr.sum()), "sequences": n_seq, "tokens": float(tokens),
-                   "items": float(count)}
-        for k, v in out.metrics.items():
-            if k in ("loss", "logratio_seq_mean"):  # the loss itself is logged by Trainer, logratio above
-                continue
-            # per-sequence means add up weighted by sequences, the others by the loss's items (tokens,
-            # sequences or pairs), so a logged mean is the global batch's whatever the split
-            per_sequence = "_seq_" in k or k.startswith(("first_", "value"))
-            add[("s:" if per_sequence else "i:") + k] = v * (n_seq if per_sequence else count)
+            kl = torch.where(bm, ratio * lr - ratio + 1, zero).sum(1)
+            n_seq = m.shape[0]
+            # each metric is a mean over its declared unit: weight it by that unit's count here, so a
+            # logged mean is the global batch's whatever the split into micro-batches and processes
+            units = {"token": bm.sum(), "sequence": n_seq, "pair": n_pairs}
+            add: dict[str, torch.Tensor | float] = {"kl": kl.sum(), "logratio": lr.sum(), "sequences": float(n_seq),
+                                                    "tokens": tokens, "items": count}
+            for k, v in out.metrics.items():
+                if k in ("loss", "logratio_seq_mean"):  # the loss itself is logged by Trainer, logratio above
+                    continue
+                unit = out.metric_reduction[k]
+                add[f"{unit}:{k}"] = v * units[unit]
+                add[f"n:{unit}"] = units[unit]
         for k, v in add.items():
             sums[k] = sums.get(k, 0.0) + v
 
     def _metrics(self, split: str) -> dict[str, float]:
-        """Averages of the recorded metrics since the last call, over all processes."""
+        """Averages of the recorded metrics since the last call, over all processes (the one host sync)."""
         sums = self._metric_sums[split]
+        self._metric_sums[split] = {}
+        if not sums:
+            return {}
         keys = sorted(sums)
+        device = self.args.device
+        t = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
         if self.args.world_size > 1:
             # every process logs at the same steps, so they all hold the same keys
-            t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.args.device)
             t = self.accelerator.reduce(t, reduction="sum")
-            sums = dict(zip(keys, t.tolist()))
-        self._metric_sums[split] = {}
-        if not sums or sums.get("sequences", 0) == 0:
+        sums = dict(zip(keys, t.tolist()))
+        if sums.get("sequences", 0) == 0:
             return {}
-        n_seq, items = sums["sequences"], max(sums["items"], 1.0)
+        n_seq = sums["sequences"]
         logs = {"kl": sums["kl"] / n_seq, "logratio": sums["logratio"] / n_seq}
-        logs.update({k[2:]: v / (n_seq if k[0] == "s" else items) for k, v in sums.items() if k[:2] in ("s:", "i:")})
+        for k, v in sums.items():
+            unit, _, name = k.partition(":")
+            if unit in ("token", "sequence", "pair"):
+                logs[name] = v / max(sums[f"n:{unit}"], 1.0)
         if split == "train":
             now = time.perf_counter()
             if self._last_log_time is not None and now > self._last_log_time:
@@ -433,12 +467,13 @@ class ShiQTrainer(Trainer):
             self._last_log_time = time.perf_counter()
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def evaluation_loop(self, *args: Any, **kwargs: Any):
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
         self._metric_sums["eval"] = {}
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         for k, v in self._metrics("eval").items():
-            output.metrics[f"{prefix}_{k}"] = v
+            output.metrics[f"{metric_key_prefix}_{k}"] = v
         return output
 
     # ------------------------------------------------------------------------------------------
@@ -447,7 +482,7 @@ class ShiQTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        head = getattr(_unwrap(self.model), VALUE_HEAD_NAME, None)
+        head = value_head_of(self.model)
         lr = self.args.value_head_learning_rate
         if head is not None and lr is not None:
             ids = {id(p) for p in head.parameters()}
@@ -456,40 +491,25 @@ class ShiQTrainer(Trainer):
             optimizer.add_param_group({"params": list(head.parameters()), "lr": lr, "weight_decay": 0.0})
         return optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        holder = _unwrap(self.model)
-        head = holder._modules.pop(VALUE_HEAD_NAME, None)
-        try:
-            if state_dict is not None:
-                state_dict = {k: v for k, v in state_dict.items() if VALUE_HEAD_NAME not in k}
-            super()._save(output_dir, state_dict=state_dict)
-        finally:
-            if head is not None:
-                holder._modules[VALUE_HEAD_NAME] = head
-        if head is not None and self.args.should_save:
-            from safetensors.torch import save_file
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model (a plain checkpoint: the value head is in its ``_keys_to_ignore_on_save``) and,
+        for DRO, the value head next to it as :data:`VALUE_HEAD_FILE`. Checkpoints come through here too."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            save_value_head(self.model, output_dir if output_dir is not None else self.args.output_dir)
 
-            os.makedirs(output_dir, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                      os.path.join(output_dir, VALUE_HEAD_FILE))
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``; when resuming a DRO run the value head is loaded first (the model's weights,
+        which do not hold it, are loaded by ``Trainer`` without touching it)."""
+        if resume_from_checkpoint and value_head_of(self.model) is not None:
+            folder = resume_from_checkpoint
+            if folder is True:
+                from transformers.trainer_utils import get_last_checkpoint
 
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        holder = _unwrap(model if model is not None else self.model)
-        head = holder._modules.pop(VALUE_HEAD_NAME, None)
-        try:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        finally:
-            if head is not None:
-                holder._modules[VALUE_HEAD_NAME] = head
-        path = os.path.join(resume_from_checkpoint, VALUE_HEAD_FILE)
-        if head is not None:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{resume_from_checkpoint} has no {VALUE_HEAD_FILE}: it was not written by a "
-                                        "dro run, so the value head cannot be resumed")
-            from safetensors.torch import load_file
-
-            head.load_state_dict(load_file(path, device=str(next(head.parameters()).device)))
+                folder = get_last_checkpoint(self.args.output_dir)
+            if isinstance(folder, str):
+                load_value_head(self.model, folder)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
 def autocast_dtype(args: TrainingArguments) -> torch.dtype | None:
@@ -497,10 +517,31 @@ def autocast_dtype(args: TrainingArguments) -> torch.dtype | None:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+def _check_rows(ds: Dataset, model: nn.Module, split: str) -> None:
+    """Validate a prepared dataset once (so the step need not): token ids in the model's vocabulary, 0/1
+    action masks with a response token, finite rewards on response tokens. Errors name the row and the fix."""
+    try:
+        vocab = int(causal_lm_parts(model)[2].weight.shape[0])
+    except (TypeError, AttributeError):
+        vocab = None
+    cols = ds.select_columns(["input_ids", "action_mask", "token_rewards"])
+    for i, row in enumerate(cols):
+        ids = torch.as_tensor(row["input_ids"])
+        mask = torch.as_tensor(row["action_mask"])
+        if ids.dim() == 1:  # one row per sequence (group_by_prompt has not run yet)
+            ids, mask, rewards = ids[None], mask[None], torch.as_tensor(row["token_rewards"])[None]
+        else:
+            rewards = torch.as_tensor(row["token_rewards"])
+        where = f"{split} dataset, row {i}"
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"{where}: action_mask must hold only 0 and 1 (1 on tokens the policy generated)")
+        if not bool((mask[:, 1:] != 0).any(1).all()):
+            raise ValueError(f"{where}: no response token after the first position: drop the row (an empty response "
+                             "has nothing to learn)")
+        if not bool(torch.isfinite(torch.where(mask != 0, rewards.double(), 0.0)).all()):
+            raise ValueError(f"{where}: token_rewards are not finite on response tokens: fix or drop the row")
+        if vocab is not None:
+            check_token_ids(ids, mask, vocab, where=where)
 
 
 def _place(model: nn.Module, args: ShiQConfig) -> torch.device | None:

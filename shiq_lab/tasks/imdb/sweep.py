@@ -44,7 +44,7 @@ from shiq_lab.evaluation.generations import FRONTIER_COLUMNS, PolicyEval, evalua
 from shiq_lab.evaluation.sampling import build_offline_dataset
 from shiq_lab.infra.models import MODEL_BUILDERS, cache_dir, load_model, model_folder
 from shiq_lab.infra.runtime import cpu_threads as use_cpu_threads
-from shiq_lab.losses import LOSS_TYPES
+from shiq_lab.losses import LOSS_TYPES, is_pairwise
 from shiq_lab.tasks.imdb import lm as imdb_model  # noqa: F401 -- registers "imdb-small"
 from shiq_lab.tasks.imdb.reviews import imdb_prompts
 from shiq_lab.tasks.imdb.reward import RewardModelConfig, SentimentReward, load_reward_model
@@ -154,7 +154,7 @@ class ImdbTaskConfig:
             raise ValueError(f"betas={self.betas}: give at least one beta, each > 0")
         if self.eval_every < 1 or self.max_steps < 1:
             raise ValueError(f"eval_every={self.eval_every}, max_steps={self.max_steps}: both must be >= 1")
-        pairwise = {"dpo", "copg"} & set(self.loss_types)
+        pairwise = {lt for lt in self.loss_types if is_pairwise(lt)}
         if pairwise and self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt={self.samples_per_prompt}: {sorted(pairwise)} need >= 2 responses per prompt")
         if pairwise and self.batch_size < self.samples_per_prompt:
@@ -220,7 +220,7 @@ def train_run(
     folder = Path(config.output_dir) / f"{loss_type}-beta{beta:g}"
     folder.mkdir(parents=True, exist_ok=True)
     policy, tokenizer = load_model(config.model, dtype=_dtype(config.dtype))
-    pairwise = loss_type in ("dpo", "copg")
+    pairwise = is_pairwise(loss_type)
     batch = max(1, config.batch_size // config.samples_per_prompt) if pairwise else config.batch_size
     args = ShiQConfig(
         output_dir=str(folder), loss_type=loss_type, beta=beta, max_length=config.max_length,

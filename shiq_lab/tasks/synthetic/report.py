@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import math
 
+from shiq_lab.losses import LOSSES
+
+#: the sequence-level methods, in the registry's order (dpo, dpo_bt, dro, copg)
+_SEQUENCE_LEVEL = tuple(name for name, spec in LOSSES.items() if spec.level == "sequence")
+
 __all__ = ["render_markdown", "headline_table", "efficiency_table", "fmt", "calibration_table", "frontier_table", "mean_curves", "efficiency_curves", "key_numbers"]
 
 _LABEL = {
@@ -252,7 +257,7 @@ def key_numbers(results: dict) -> dict[str, float]:
     eff = [rows[("tabular", t, "shiq", b)] for t in tasks for b in off]
     numbers = {
         "calibration_residual_shiq": max(calib(shifted)),
-        "calibration_residual_sequence": max(calib(("dpo", "dpo_bt", "dro", "copg"))),
+        "calibration_residual_sequence": max(calib(_SEQUENCE_LEVEL)),
         "calibration_residual_unshifted_min": min(calib(("naive", "scoring"))),
         "shiq_tabular_offpolicy_min": min(val("tabular", t, "shiq", b) for t in tasks for b in off),
         "shiq_tabular_offpolicy_kl_max": max(val("tabular", t, "shiq", b, "kl_states_mean") for t in tasks for b in off),
@@ -281,7 +286,7 @@ def key_numbers(results: dict) -> dict[str, float]:
     for t in tasks:
         for b in cfg["behaviours"]:
             shiq = rows[("tabular", t, "shiq", b)]
-            for m in ("dpo", "dpo_bt", "dro", "copg"):
+            for m in _SEQUENCE_LEVEL:
                 other = rows[("tabular", t, m, b)]
                 if "reached_target" not in shiq or "reached_target" not in other:
                     continue
@@ -292,7 +297,7 @@ def key_numbers(results: dict) -> dict[str, float]:
     numbers["shiq_efficiency_pairs_worse"] = float(worse)
     numbers["shiq_efficiency_pairs_better"] = float(better)
     if "neural" in cfg["parameterisations"]:
-        sequence_level = ("dpo", "dpo_bt", "dro", "copg")
+        sequence_level = _SEQUENCE_LEVEL
         mean_over_tasks = lambda m, b: sum(val("neural", t, m, b) for t in tasks) / len(tasks)  # noqa: E731
         numbers["shiq_minus_best_sequence_neural_min"] = min(
             mean_over_tasks("shiq", b) - max(mean_over_tasks(m, b) for m in sequence_level) for b in cfg["behaviours"])
