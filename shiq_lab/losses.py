@@ -211,7 +211,7 @@ def _next_policy_index(bmask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch
     ``rank_t + n`` is where an n-step sum stops and its bootstrap is read. Environment tokens are
     skipped, which is what lets the value bridge across them.
     """
-    B, T = bmask.shape
+    T = bmask.shape[1]
     rank = torch.cumsum(bmask.long(), dim=1)  # 1-based rank of each policy token
     count = rank[:, -1:]
     # positions of policy tokens in order, then the others (stable keeps their order)
@@ -356,12 +356,12 @@ def naive_q_loss(
     if ref_logits.shape != logits.shape:
         raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
     dt = _compute_dtype(logits)
-    l = logits.to(dt)
-    q_taken = l.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    lg = logits.to(dt)
+    q_taken = lg.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        v = beta * torch.logsumexp(torch.log_softmax(ref_logits.to(dt), -1) + l / beta, dim=-1)
+        v = beta * torch.logsumexp(torch.log_softmax(ref_logits.to(dt), -1) + lg / beta, dim=-1)
     delta = q_taken - rewards.to(dt) - _bootstrap_next(v, bmask)
-    delta = torch.where(bmask, delta, torch.zeros((), dtype=dt, device=l.device))
+    delta = torch.where(bmask, delta, torch.zeros((), dtype=dt, device=lg.device))
     loss = _mean_sq(delta, bmask)
     return LossOutput(loss, delta, {"loss": _scalar(loss), "residual_abs_mean": _scalar(delta.abs().sum() / bmask.sum())},
                       {"loss": "token", "residual_abs_mean": "token"})

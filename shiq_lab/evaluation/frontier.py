@@ -12,8 +12,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from shiq_lab.evaluation.generations import PolicyEval, _device_of, evaluate_policy
+from shiq_lab.evaluation.generations import PolicyEval, evaluate_policy
 from shiq_lab.evaluation.sampling import RewardFn
+from shiq_lab.lm.modes import device_of
 
 #: columns of a frontier frame, in order
 FRONTIER_COLUMNS = ["label", "loss_type", "beta", "step", "reward_mean", "reward_sem", "kl_mean", "kl_sem",
@@ -109,7 +110,7 @@ def evaluate_checkpoints(
     if include_reference:
         rows.append(_reference_row(evaluate_policy(reference, reference, tokenizer, prompts, reward_fn, **eval_kwargs)))
     for spec in checkpoints:
-        policy, _ = load_model(spec.path, dtype=dtype, device=_device_of(reference))
+        policy, _ = load_model(spec.path, dtype=dtype, device=device_of(reference))
         result = evaluate_policy(policy, reference, tokenizer, prompts, reward_fn, **eval_kwargs)
         rows.append({"label": spec.label, "loss_type": spec.loss_type, "beta": spec.beta, "step": spec.step,
                      "path": spec.path, **result.row()})
