@@ -46,6 +46,7 @@ __all__ = [
     "copg_loss",
     "shiq_logit_grad",
     "LOSS_TYPES",
+    "PAIRWISE_LOSSES",
 ]
 
 #: what a metric is a mean over: response tokens, sequences (rows) or pairs of rows
@@ -81,6 +82,8 @@ LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
 
 #: the loss types ShiQTrainer accepts (``ShiQConfig.loss_type``)
 LOSS_TYPES = tuple(name for name, spec in LOSSES.items() if spec.in_trainer)
+#: the trainer's loss types trained on pairs of responses to one prompt (their rows are whole prompt groups)
+PAIRWISE_LOSSES = tuple(name for name in LOSS_TYPES if LOSSES[name].pairwise)
 
 
 def is_pairwise(name: str) -> bool:
@@ -301,7 +304,8 @@ def shiq_loss(
             "value_first_mean": beta * dv[rows, first].mean(),
             "reward_seq_mean": torch.where(bmask, rewards, zero).sum(1).mean(),
         }
-    units: dict[str, Unit] = {"loss": reduction, "residual_abs_mean": "token", "first_residual_abs_mean": "sequence",
+    loss_unit: Unit = "token" if reduction == "token" else "sequence"
+    units: dict[str, Unit] = {"loss": loss_unit, "residual_abs_mean": "token", "first_residual_abs_mean": "sequence",
                               "logratio_seq_mean": "sequence", "value_first_mean": "sequence",
                               "reward_seq_mean": "sequence"}
     return LossOutput(loss, delta, metrics, units)
