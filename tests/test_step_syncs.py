@@ -78,6 +78,41 @@ def test_the_counter_sees_each_kind_of_sync():
     assert calls == []
 
 
+@pytest.mark.parametrize("loss", ["shiq", "dpo", "copg", "dro"])
+def test_kernel_and_losses_make_no_sync_on_trusted_inputs(loss):
+    from shiq_lab.lm.kernel import chunked_token_logprobs
+    from shiq_lab.losses import copg_loss, dpo_loss, dro_loss, shiq_loss, trusted_inputs
+
+    g = torch.Generator().manual_seed(0)
+    B, T, H, V = 4, 7, 5, 33
+    h = torch.randn(B, T, H, generator=g, requires_grad=True)
+    w = torch.randn(V, H, generator=g, requires_grad=True)
+    mask = torch.ones(B, T)
+    mask[:, :2] = 0
+    mask[1, 5:] = 0
+    a = torch.randint(0, V, (B, T), generator=g).masked_fill(mask == 0, -100)  # padding holds no id
+    ref, r, pairs = torch.zeros(B, T), torch.randn(B, T, generator=g), torch.tensor([[0, 1], [2, 3]])
+
+    def step():
+        logp, logz = chunked_token_logprobs(h, w, a, mask=mask, chunk_size=3, vocab_chunk_size=8)
+        if loss == "shiq":
+            out = shiq_loss(logp, logz, ref, ref, r, mask, beta=0.5, horizon=2)
+        elif loss == "dpo":
+            out = dpo_loss(logp, ref, mask, beta=0.5, chosen=pairs[:, 0], rejected=pairs[:, 1])
+        elif loss == "copg":
+            out = copg_loss(logp, ref, r, mask, beta=0.5, pairs=pairs)
+        else:
+            out = dro_loss(logp, ref, r, mask, torch.zeros(B), beta=0.5)
+        out.loss.backward()
+
+    with trusted_inputs(), count_syncs() as calls:
+        step()
+    assert calls == []
+    with count_syncs() as calls:  # checked (the default): the value checks read the tensors
+        step()
+    assert len(calls) >= 2
+
+
 def _trainer(tmp_path, loss_type: str) -> ShiQTrainer:
     model, tok = load_model("tiny")
     args = ShiQConfig(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, save_strategy="no",

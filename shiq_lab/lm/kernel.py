@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from shiq_lab.losses import checks_values
+from shiq_lab.losses import _compute_dtype, checks_values
 
 __all__ = ["chunked_token_logprobs", "default_tile", "TILE_ELEMENTS"]
 
@@ -50,10 +50,6 @@ def default_tile(n_tokens: int, vocab: int, device: torch.device | str = "cpu") 
     n = max(1, min(n_tokens, _MAX_TOKEN_CHUNK))
     v = max(_MIN_VOCAB_CHUNK, (budget // n) // _MIN_VOCAB_CHUNK * _MIN_VOCAB_CHUNK)
     return n, min(v, vocab)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _ranges(total: int, step: int) -> list[tuple[int, int]]:

@@ -7,11 +7,11 @@ reference model is never in memory during training.
 
 Public API:
 
-- :func:`token_stats`: ``(logp, logz)`` [B, L] of a causal LM on a batch, aligned to ``input_ids``
-  (value at t = statistics of generating token t; 0 off the action mask). It runs the model's
-  decoder, then :func:`shiq_lab.lm.kernel.chunked_token_logprobs` on the final hidden states
-  and the output layer, on response tokens only, so no [B, T, V] fp32 tensor exists. The trainer
-  uses the same function for the policy, so at theta = ref both sides are bit-identical.
+- :func:`shiq_lab.lm.stats.token_stats` (re-exported by :mod:`shiq_lab.reference` for one release):
+  ``(logp, logz)`` [B, L] of a causal LM on a batch, aligned to ``input_ids`` (value at t =
+  statistics of generating token t; 0 off the action mask). The trainer uses the same function for
+  the policy, and this module gathers the same response positions, so at theta = ref both sides
+  are bit-identical.
 - :func:`precompute_reference`: adds ``ref_logp`` / ``ref_logz`` columns to a tokenised dataset,
   through the cache.
 - :func:`dataset_fingerprint`, :func:`reference_identity`: what the cache is keyed by.

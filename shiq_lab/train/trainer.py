@@ -17,7 +17,7 @@ reference is the model as given, adapters disabled for PEFT, or ``ref_model=`` w
 dropped: no reference model is held during training) -> for DPO / CoPG, one row per prompt group, so
 a batch never splits a prompt's responses (``per_device_train_batch_size`` then counts prompts).
 
-The loss. The policy's per-token ``(logp, logz)`` come from :func:`shiq_lab.reference.token_stats`
+The loss. The policy's per-token ``(logp, logz)`` come from :func:`shiq_lab.lm.stats.token_stats`
 (final hidden states x output layer, tile by tile: no [B, T, V] fp32 tensor), the same function
 that computed the reference's, so at theta = ref every ShiQ residual is exactly 0. Normalisation:
 the loss of a micro-batch is its sum of per-item terms divided by the number of items of the whole
@@ -25,6 +25,12 @@ optimizer step (all gradient-accumulation micro-batches on all processes; items 
 for ShiQ, sequences for DRO and ShiQ with ``loss_reduction="sequence"``, pairs for DPO and CoPG),
 so the optimised and logged loss is the plain mean over the global batch, whatever the number of
 processes or accumulation steps.
+
+No host syncs in the step (issue 14): datasets are validated once in :meth:`prepare_dataset` (token
+ids, masks, finite rewards), so the step runs the losses and the kernel under
+:func:`shiq_lab.losses.trusted_inputs`; the collator computes the response positions on the host
+(``action_positions``); metrics are summed as device tensors and read once per logging step, each
+weighted by the unit its loss declares (``LossOutput.metric_reduction``), never by its name.
 
 Choices stated here:
 

@@ -12,10 +12,17 @@ For the state ``s_t = (x, y_<t)`` before response token ``a_t = y_t`` (METHOD.md
 (``logp, ref_logp, logz, ref_logz``, top-k log-probs) are kept, so :func:`with_beta` moves beta
 without running a model again.
 
+The numbers: ``logp`` / ``logz`` of the taken tokens are :func:`shiq_lab.lm.stats.token_stats`'s,
+the very function (and so the very fp32 values) the trainer and the reference cache use; on the
+same row the residuals here are the trainer's (tests/test_seams.py). The top-k alternatives and
+the per-state KL need every vocabulary entry: they are read from the same forward pass's hidden
+states, ``chunk_tokens`` states at a time (:class:`shiq_lab.lm.stats.StateLogits`).
+
 Memory: responses are scored ``batch_size`` at a time; only the states of response tokens are
-kept (their last hidden state, [N, H]), and the output head runs on ``chunk_tokens`` of them at a
-time, so no [B, T, V] tensor is held beyond one chunk's [chunk, V]. A model whose output head
-cannot be reproduced from its hidden state (checked on every batch) falls back to its own logits.
+kept (their last hidden state, [N, H]), so no [B, T, V] tensor is held beyond one chunk's
+[chunk, V]. A model whose output layer is not a plain matrix next to its forward pass
+(:func:`shiq_lab.lm.stats.resolve_logits_mode`: soft-capping, an adapted or sharded output layer,
+a wrapper that post-processes logits) uses its own logits, with a warning.
 
 The reference is one of: a second model; the same model object (values are then exactly 0); a
 peft model's base (``reference=None`` or ``"disable_adapter"``: adapters disabled); or
