@@ -289,3 +289,16 @@ def test_dro_value_head_goes_through_public_hooks_only(tmp_path):
     head = load_file(str(tmp_path / "out" / "checkpoint-2" / VALUE_HEAD_FILE))
     got = resumed.model.shiq_value_head.state_dict()
     assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in head.items())
+
+
+def test_training_rows_are_validated_once_with_the_row_named(tmp_path):
+    from datasets import Dataset
+
+    m, tok = load_model("tiny")
+    good = {"input_ids": [5, 6, 7, 8], "action_mask": [0, 0, 1, 1], "token_rewards": [0.0, 0.0, 0.0, 1.0]}
+    bad_id = dict(good, input_ids=[5, 6, 7, len(tok) + 1000])
+    with pytest.raises(ValueError, match=r"train dataset, row 1, position 3: a token id is not in \[0, 512\)"):
+        ShiQTrainer(model=m, args=config(tmp_path), train_dataset=Dataset.from_list([good, bad_id]), processing_class=tok)
+    bad_reward = dict(good, token_rewards=[0.0, 0.0, float("nan"), 1.0])
+    with pytest.raises(ValueError, match=r"row 0, position 2: token_rewards are not finite"):
+        ShiQTrainer(model=m, args=config(tmp_path), train_dataset=Dataset.from_list([bad_reward]), processing_class=tok)

@@ -31,7 +31,6 @@ __all__ = [
     "causal_lm_parts",
     "resolve_logits_mode",
     "action_positions",
-    "check_token_ids",
     "Capture",
     "capture",
     "forward_hidden",
@@ -89,20 +88,6 @@ def action_positions(action_mask: torch.Tensor) -> torch.Tensor:
     """
     nz = torch.nonzero(action_mask[:, 1:])
     return nz[:, 0] * action_mask.shape[1] + nz[:, 1] + 1
-
-
-def check_token_ids(input_ids: torch.Tensor, action_mask: torch.Tensor, vocab_size: int, *, where: str = "batch") -> None:
-    """Raise a ValueError naming the row when an action token is not an id in [0, vocab_size).
-
-    Padding (mask 0) may hold anything. The trainer runs this once per dataset, not per step.
-    """
-    act = action_mask.bool()
-    act[:, 0] = False
-    bad = act & ((input_ids < 0) | (input_ids >= vocab_size))
-    if bool(bad.any()):
-        b, t = torch.nonzero(bad)[0].tolist()
-        raise ValueError(f"{where}: row {b}, position {t} holds token id {int(input_ids[b, t])}, not in [0, {vocab_size}) "
-                         "(the model's vocabulary): tokenise the data with the model's own tokenizer")
 
 
 @dataclass

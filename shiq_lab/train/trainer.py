@@ -55,6 +55,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
@@ -63,7 +64,7 @@ from transformers import Trainer, TrainingArguments
 from shiq_lab.data.batch import ShiQCollator, group_by_prompt
 from shiq_lab.data.encode import tokenize_dataset
 from shiq_lab.data.rewards import normalize_rewards
-from shiq_lab.lm.stats import action_positions, causal_lm_parts, check_token_ids, resolve_logits_mode, token_stats
+from shiq_lab.lm.stats import action_positions, causal_lm_parts, resolve_logits_mode, token_stats
 from shiq_lab.lm.value_head import (
     VALUE_HEAD_FILE,
     VALUE_HEAD_NAME,
@@ -211,6 +212,7 @@ class ShiQTrainer(Trainer):
                                           stats=None if split == "train" else self.reward_stats)
             if split == "train":
                 self.reward_stats = stats
+        _check_rows(ds, reference, split)  # once per dataset: the step then checks nothing
         if not {"ref_logp", "ref_logz"} <= set(ds.column_names):
             with args.main_process_first(desc=f"reference statistics ({split})"):
                 ds = precompute_reference(
@@ -218,7 +220,6 @@ class ShiQTrainer(Trainer):
                     use_cache=args.use_ref_cache, stats_path=stats_path, reference_id=args.reference_id,
                     chunk_size=args.logits_chunk_size, logits_mode=args.logits_mode,
                     autocast_dtype=autocast_dtype(args))
-        _check_rows(ds, reference, split)
         if LOSSES[args.loss_type].pairwise:
             ds = group_by_prompt(ds)
             if args.loss_type == "dpo":
@@ -467,30 +468,39 @@ def autocast_dtype(args: TrainingArguments) -> torch.dtype | None:
 
 
 def _check_rows(ds: Dataset, model: nn.Module, split: str) -> None:
-    """Validate a prepared dataset once (so the step need not): token ids in the model's vocabulary, 0/1
-    action masks with a response token, finite rewards on response tokens. Errors name the row and the fix."""
+    """Validate a prepared dataset once (so the step need not): 0/1 action masks with a response token,
+    finite rewards on response tokens, token ids in the model's vocabulary. Errors name the row and the fix.
+
+    Vectorised over the flattened Arrow columns (one row per sequence: this runs before group_by_prompt).
+    """
     try:
-        vocab = int(causal_lm_parts(model)[2].weight.shape[0])
+        vocab: int | None = int(causal_lm_parts(model)[2].weight.shape[0])
     except (TypeError, AttributeError):
         vocab = None
-    cols = ds.select_columns(["input_ids", "action_mask", "token_rewards"])
-    for i, row in enumerate(cols):
-        ids = torch.as_tensor(row["input_ids"])
-        mask = torch.as_tensor(row["action_mask"])
-        if ids.dim() == 1:  # one row per sequence (group_by_prompt has not run yet)
-            ids, mask, rewards = ids[None], mask[None], torch.as_tensor(row["token_rewards"])[None]
-        else:
-            rewards = torch.as_tensor(row["token_rewards"])
-        where = f"{split} dataset, row {i}"
-        if not bool(((mask == 0) | (mask == 1)).all()):
-            raise ValueError(f"{where}: action_mask must hold only 0 and 1 (1 on tokens the policy generated)")
-        if not bool((mask[:, 1:] != 0).any(1).all()):
-            raise ValueError(f"{where}: no response token after the first position: drop the row (an empty response "
-                             "has nothing to learn)")
-        if not bool(torch.isfinite(torch.where(mask != 0, rewards.double(), 0.0)).all()):
-            raise ValueError(f"{where}: token_rewards are not finite on response tokens: fix or drop the row")
-        if vocab is not None:
-            check_token_ids(ids, mask, vocab, where=where)
+    table = (ds.flatten_indices() if getattr(ds, "_indices", None) is not None else ds).data.table
+    cols = {k: table.column(k).combine_chunks() for k in ("input_ids", "action_mask", "token_rewards")}
+    offsets = cols["input_ids"].offsets.to_numpy()
+    ids, mask, rewards = (cols[k].flatten().to_numpy(zero_copy_only=False) for k in cols)
+    row_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    action = mask != 0
+    action[offsets[:-1][np.diff(offsets) > 0]] = False  # position 0 of a row has no state before it
+
+    def fail(bad: np.ndarray, what: str) -> None:
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            row = int(row_of[k])
+            raise ValueError(f"{split} dataset, row {row}, position {k - int(offsets[row])}: {what}")
+
+    fail((mask != 0) & (mask != 1), "action_mask must hold only 0 and 1 (1 on tokens the policy generated)")
+    empty = np.bincount(row_of[action], minlength=len(offsets) - 1) == 0
+    if empty.any():
+        raise ValueError(f"{split} dataset, row {int(np.flatnonzero(empty)[0])}: no response token after the first "
+                         "position: drop the row (an empty response has nothing to learn)")
+    fail((mask != 0) & ~np.isfinite(rewards.astype(np.float64)), "token_rewards are not finite on a response token: "
+         "fix or drop the row")
+    if vocab is not None:
+        fail(action & ((ids < 0) | (ids >= vocab)), f"a token id is not in [0, {vocab}) (the model's vocabulary): "
+             "tokenise the data with the model's own tokenizer")
 
 
 def _place(model: nn.Module, args: ShiQConfig) -> torch.device | None:
