@@ -67,17 +67,19 @@ def _field_names() -> set[str]:
 
 
 def _read_config(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
+    from shiq_lab.train.trainer import ShiQConfig
+    from shiq_lab.train.validation import coerce_yaml_values, load_yaml
 
     path = Path(path)
     if not path.exists():
         raise SystemExit(f"config file {path} does not exist (shipped configs are in configs/)")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path) or {}  # a syntax error names the file and line
     if not isinstance(data, dict):
         raise SystemExit(f"config file {path} must be a YAML mapping of field: value")
     unknown = sorted(set(data) - _field_names())
     if unknown:
         raise SystemExit(f"config file {path}: unknown field(s) {unknown}; see `shiq-lab train --help` for the fields")
+    data = coerce_yaml_values(data, path, (RunArguments, ShiQConfig))  # converted (or refused) as the flags would be
     if isinstance(data.get("dataset_kwargs"), dict):
         data["dataset_kwargs"] = json.dumps(data["dataset_kwargs"])
     return data
@@ -100,6 +102,9 @@ def parse_config(argv: list[str], *, extra: argparse.ArgumentParser | None = Non
         run, cfg = parser.parse_args_into_dataclasses(args=rest)[:2]
     except ValueError as err:  # unknown flags, bad field values (ShiQConfig validation)
         raise SystemExit(f"shiq-lab: {err}") from None
+    from shiq_lab.train.validation import validate_run
+
+    validate_run(run)
     return run, cfg, extra_ns
 
 
@@ -162,16 +167,14 @@ def build_run(run: RunArguments, cfg: Any, *, with_train: bool = True):
 
 
 def _train(argv: list[str]) -> int:
-    run, cfg, _ = parse_config(argv)
-    trainer = build_run(run, cfg)
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
+    from shiq_lab.train import runs
 
-        resume = get_last_checkpoint(cfg.output_dir)
-        if resume is None:
-            raise SystemExit(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: no checkpoint-* folder in {cfg.output_dir}")
-    result = trainer.train(resume_from_checkpoint=resume)
+    run, cfg, _ = parse_config(argv)
+    # output folder and resume checks before any model load, tokenisation or reference pass (issue 12)
+    fields = runs.run_fields(run)
+    resume = runs.preflight(cfg, fields)
+    trainer = build_run(run, cfg)
+    result = trainer.train(resume_from_checkpoint=resume, run_fields=fields)
     trainer.save_model()
     if trainer.args.should_save:
         target = Path(cfg.output_dir) / "log_history.json"
@@ -315,8 +318,33 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``shiq-lab``."""
+    """Entry point of ``shiq-lab``.
+
+    The project's own errors (:class:`shiq_lab.errors.ShiQLabError`: bad data, stale caches, config,
+    models, run folders) and config messages print as one line on stderr with exit code 2; ``--debug``
+    (anywhere on the line) or ``SHIQ_LAB_DEBUG=1`` shows the traceback instead.
+    """
+    from shiq_lab.errors import ShiQLabError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SHIQ_LAB_DEBUG", "").strip().lower() in ("1", "true", "yes")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _dispatch(argv)
+    except ShiQLabError as err:
+        if debug:
+            raise
+        print(f"shiq-lab: error: {err}\n(shiq-lab --debug or SHIQ_LAB_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 2
+    except SystemExit as err:
+        if debug or not isinstance(err.code, str):  # argparse exits (help, usage errors) keep their code
+            raise
+        message = err.code if err.code.startswith("shiq-lab") else f"shiq-lab: error: {err.code}"
+        print(message, file=sys.stderr)
+        return 2
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0 if argv else 2

@@ -55,12 +55,14 @@ from typing import Any
 
 from datasets import Dataset
 
+from shiq_lab.errors import ShiQLabError
+
 FORMATS = ("standard", "conversational", "multiturn", "preference", "unpaired")
 TRUNCATION_POLICIES = ("truncate", "drop", "error")
 TOKENIZED_COLUMNS = ("input_ids", "action_mask", "token_rewards", "group", "prompt_length", "truncated")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(ShiQLabError, ValueError):
     """A dataset row is unusable; the message names the row, the field and the fix."""
 
 

@@ -106,8 +106,13 @@ class ShiQConfig(TrainingArguments):
         "help": "dro: learning rate of the value head (default: learning_rate)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the loss reads its own columns"})
     logging_steps: float = field(default=1, metadata={"help": "log every n steps (loss, kl, tokens/s)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "train into an output_dir that holds another run's outputs, deleting its checkpoints (else refused)"})
 
     def __post_init__(self) -> None:
+        from shiq_lab.train.validation import validate_config
+
+        validate_config(self)  # ranges and types, before TrainingArguments' own set-up (issue 12)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {LOSS_TYPES}")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
@@ -440,6 +445,33 @@ class ShiQTrainer(Trainer):
         for k, v in self._metrics("eval").items():
             output.metrics[f"{prefix}_{k}"] = v
         return output
+
+    # ------------------------------------------------------------------------------------------
+    # runs: resume checks and the run record (shiq_lab.train.runs, issue 12)
+    # ------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, *, run_fields: dict[str, Any] | None = None,
+              **kwargs: Any):
+        """``Trainer.train``, resuming only a valid checkpoint of this run, with the whole run's ``training_loss``.
+
+        ``resume_from_checkpoint=True`` (or ``"last"``) takes the newest *valid* checkpoint of
+        ``output_dir`` (broken ones, left by a killed save, are skipped with a warning); a checkpoint
+        whose run record differs from this config is refused, naming the fields. ``run_fields``:
+        extra fields for the record (the CLI's model and data). See :mod:`shiq_lab.train.runs`.
+        """
+        from shiq_lab.train import runs
+
+        resume = runs.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        record = runs.run_record(self.args, run_fields, train_dataset=self.train_dataset)
+        runs.begin(self.args, record, resume)
+        self.callback_handler.callbacks = [cb for cb in self.callback_handler.callbacks
+                                           if not isinstance(cb, runs.RunRecordCallback)]
+        self.add_callback(runs.RunRecordCallback(record))
+        start = runs.checkpoint_step(resume) if resume is not None else 0
+        output = super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                               **kwargs)
+        return runs.whole_run_loss(output, self.state.log_history, start)
 
     # ------------------------------------------------------------------------------------------
     # DRO value head: optimiser group, save, resume
