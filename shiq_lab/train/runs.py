@@ -216,10 +216,10 @@ def resolve_resume(resume: Any, output_dir: str | os.PathLike) -> str | None:
     if resume is True or (isinstance(resume, str) and resume.strip().lower() in ("true", "last")):
         ckpt = last_valid_checkpoint(output_dir)
         if ckpt is None:
-            broken = [f"{p.name} ({checkpoint_problem(p)})" for _, p in list_checkpoints(output_dir)]
+            broken = [f"{p.name} {checkpoint_problem(p)}" for _, p in list_checkpoints(output_dir)]
             raise RunDirectoryError(
                 f"resume_from_checkpoint={resume}: no checkpoint to resume in {output_dir}"
-                + (f"; the checkpoint folders there are unusable: {', '.join(broken)}" if broken
+                + (f"; the checkpoint folders there are unusable: {'; '.join(broken)}" if broken
                    else " (no checkpoint-* folder)")
                 + ". Drop --resume_from_checkpoint to start the run afresh, or point it at a checkpoint folder")
         return str(ckpt)

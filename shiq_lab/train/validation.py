@@ -271,8 +271,7 @@ def _coerce(field_name: str, v: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {field_name}: {v!r} is not true or false")
     if kinds == {str}:
         if isinstance(v, (dict, list)):
-            raise ConfigError(f"{where}: {field_name}: expected a single value, got a YAML "
-                              f"{'mapping' if isinstance(v, dict) else 'list'}")
+            return v  # e.g. dataset_kwargs: a mapping the CLI turns into its JSON string
         return str(v) if not isinstance(v, bool) else str(v).lower()
     return v
 
