@@ -56,7 +56,7 @@ def test_flags_override_the_config_and_unknown_fields_fail(tmp_path):
         cli.parse_config(["--config", str(bad)])
     with pytest.raises(SystemExit, match="--bogus"):
         cli.parse_config(["--config", CONFIG, "--bogus", "1"])
-    with pytest.raises(SystemExit, match="beta=-1.0: must be a finite number > 0"):
+    with pytest.raises(SystemExit, match=r"beta=-1\.0: must be a finite number > 0"):
         cli.parse_config(["--config", CONFIG, "--beta", "-1"])
     assert cli.main(["nonsense"]) == 2
 
