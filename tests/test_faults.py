@@ -285,26 +285,30 @@ def test_python_config_refuses_what_the_flags_refuse():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("model: tiny\nmax_steps: 2.5\n", "line 2: max_steps: 2.5 is not a whole number"),
-    ("model: tiny\nbeta: abc\n", "line 2: beta: 'abc' is not a number"),
-    ("use_lora: maybe\n", "line 1: use_lora: 'maybe' is not true or false"),
-    ("model: tiny\nbeta: 0.5\n  max_steps: 3\n", "line 3, column 12: YAML syntax error"),
+    ("model: tiny\nmax_steps: 2.5\n", "argument --max_steps/--max-steps: invalid int value: '2.5'"),
+    ("model: tiny\nbeta: abc\n", "argument --beta: invalid float value: 'abc'"),
+    ("model: tiny\nbeta: .inf\n", "beta=inf: must be a finite number > 0"),
+    ("model: tiny\nhorizon: 2.5\n", "argument --horizon: invalid int value: '2.5'"),
+    ("model: tiny\nbeta: 0.5\n  max_steps: 3\n", ":3:12: YAML syntax error"),
     ("model: [tiny\n", "YAML syntax error"),
     ("- model\n- tiny\n", "must be a YAML mapping"),
 ])
-def test_bad_yaml_names_the_file_and_line(tmp_path, text, message, capsys):
+def test_bad_yaml_names_the_file_and_what_is_wrong(tmp_path, text, message, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    assert cli.main(["train", "--config", str(path)]) == 2
+    assert cli.main(["train", "--config", str(path), "--output_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and message in err and "Traceback" not in err
 
 
-def test_yaml_values_are_converted_as_the_flags_are(tmp_path):
+def test_yaml_values_are_converted_as_the_flags_are_then_range_checked(tmp_path):
     path = tmp_path / "ok.yaml"
-    path.write_text("model: tiny\nlearning_rate: 1e-3\nmax_steps: '7'\nuse_lora: 'true'\nmax_rows: 10.0\n")
+    path.write_text("model: tiny\nlearning_rate: 1e-3\nmax_steps: '7'\nuse_lora: 'true'\n")
     run, cfg, _ = cli.parse_config(["--config", str(path), "--output_dir", str(tmp_path / "o")])
-    assert (cfg.learning_rate, cfg.max_steps, run.use_lora, run.max_rows) == (1e-3, 7, True, 10)
+    assert (cfg.learning_rate, cfg.max_steps, run.use_lora) == (1e-3, 7, True)
+    path.write_text("model: tiny\nlearning_rate: 0\n")
+    with pytest.raises(ConfigError, match=f"{path}: learning_rate=0.0: must be a finite number > 0"):
+        cli.parse_config(["--config", str(path), "--output_dir", str(tmp_path / "o")])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +570,7 @@ def test_project_errors_share_a_base_and_print_as_one_message_with_exit_code_2(t
     args = ["train", *quick(tmp_path, "--dataset", str(bad), "--eval_fraction", "0", steps=1)]
     assert cli.main(args) == 2
     err = capsys.readouterr().err
-    (line,) = [x for x in err.splitlines() if x.startswith("shiq-lab: error: ")]
+    (line,) = [x for x in err.splitlines() if x.startswith("error: ")]
     assert "no reward" in line and "Traceback" not in err
     assert "--debug" in err  # says how to see the traceback
     with pytest.raises(DataValidationError):

@@ -7,29 +7,24 @@ value and the fix before a model is loaded or a reference pass runs:
   ``__post_init__``, so the Python API gets the same checks as the CLI).
 - :func:`validate_run`: the CLI's ``RunArguments`` fields (model, data, LoRA).
 - :func:`validate`: both.
-- :func:`load_yaml` and :func:`coerce_yaml_values`: a YAML config file parsed with syntax errors
-  naming the file and line, and its values converted exactly as the same flag would be
-  (``max_steps: 2.5`` is refused as ``--max_steps 2.5`` is; ``learning_rate: 1e-3``, which YAML
-  reads as a string, becomes the float ``--learning_rate 1e-3`` gives).
+
+YAML files are read by :mod:`shiq_lab.infra.config` (syntax errors name the file and line; values go
+through the flag parser, so ``max_steps: 2.5`` is refused as ``--max_steps 2.5`` is); the ranges
+are checked here, for YAML, flags and Python alike.
 
 Every problem raises :class:`shiq_lab.errors.ConfigError` (a ``ValueError``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import numbers
-import os
-import types
-import typing
-from pathlib import Path
 from typing import Any
 
 from shiq_lab.errors import ConfigError
 
-__all__ = ["validate", "validate_config", "validate_run", "load_yaml", "coerce_yaml_values"]
+__all__ = ["validate", "validate_config", "validate_run"]
 
 _DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -167,123 +162,3 @@ def validate(run: Any, cfg: Any) -> None:
     """Both :func:`validate_run` and :func:`validate_config`."""
     validate_run(run)
     validate_config(cfg)
-
-
-# ---------------------------------------------------------------------------------------------
-# YAML config files
-# ---------------------------------------------------------------------------------------------
-
-
-def load_yaml(path: str | os.PathLike) -> Any:
-    """The parsed YAML file; a syntax error names the file, the line and the column."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"config file {path}: not a text file ({err.reason})") from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        context = getattr(err, "context", None)
-        raise ConfigError(f"config file {path}{where}: YAML syntax error: {problem}"
-                          + (f" ({context})" if context else "")
-                          + "; each line is `field: value` (quote values that contain ': ' or '#')") from None
-
-
-def _key_lines(path: Path) -> dict[str, int]:
-    """1-based line of each top-level key of a YAML mapping file (best effort)."""
-    import yaml
-
-    try:
-        node = yaml.compose(path.read_text())
-    except (yaml.YAMLError, OSError, UnicodeDecodeError):
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-
-
-def _field_types(dataclass_types: tuple[type, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for cls in dataclass_types:
-        try:
-            hints = typing.get_type_hints(cls)
-        except Exception:  # noqa: BLE001 - an unresolvable annotation: that class's values stay unchecked
-            hints = {}
-        for f in dataclasses.fields(cls):
-            if f.init and f.name in hints:
-                out[f.name] = hints[f.name]
-    return out
-
-
-def _scalar_kinds(annotation: Any) -> tuple[set[type], bool]:
-    """The scalar types (int / float / bool / str) an annotation admits, and whether None is allowed."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (annotation,)
-    optional = type(None) in args
-    kinds = {a for a in args if a in (int, float, bool, str)}
-    others = [a for a in args if a not in (int, float, bool, str, type(None))]
-    return (kinds if not others else set()), optional  # unions with lists, dicts, enums: left as they are
-
-
-_TRUE, _FALSE = ("true", "yes", "y", "1", "on"), ("false", "no", "n", "0", "off")
-
-
-def _coerce(field_name: str, v: Any, annotation: Any, where: str) -> Any:
-    kinds, optional = _scalar_kinds(annotation)
-    if not kinds or (v is None and optional):
-        return v
-    if v is None:
-        raise ConfigError(f"{where}: {field_name}: null is not allowed (give a value or remove the line)")
-    if kinds == {int}:
-        if _is_int(v):
-            return int(v)
-        if _is_real(v) and float(v).is_integer():
-            return int(v)
-        if isinstance(v, str):
-            try:
-                return int(v.strip())
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: {field_name}: {v!r} is not a whole number (as `--{field_name} {v}` would be "
-                          "refused); write e.g. `" + f"{field_name}: {max(1, int(v)) if _is_real(v) else 1}`")
-    if float in kinds and str not in kinds:
-        if _is_real(v):
-            return float(v) if kinds == {float} else v
-        if isinstance(v, str):
-            try:
-                return float(v.strip())  # YAML reads 1e-3 (no dot) as a string; the flag parses it as a float
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: {field_name}: {v!r} is not a number")
-    if kinds == {bool}:
-        if isinstance(v, bool):
-            return v
-        if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE:
-            return v.strip().lower() in _TRUE
-        if _is_int(v) and v in (0, 1):
-            return bool(v)
-        raise ConfigError(f"{where}: {field_name}: {v!r} is not true or false")
-    if kinds == {str}:
-        if isinstance(v, (dict, list)):
-            return v  # e.g. dataset_kwargs: a mapping the CLI turns into its JSON string
-        return str(v) if not isinstance(v, bool) else str(v).lower()
-    return v
-
-
-def coerce_yaml_values(data: dict[str, Any], path: str | os.PathLike, dataclass_types: tuple[type, ...]) -> dict[str, Any]:
-    """``data`` with each value converted as its flag would be; a value a flag would refuse raises, naming file and line."""
-    path = Path(path)
-    hints = _field_types(dataclass_types)
-    lines = _key_lines(path)
-    out = dict(data)
-    for name, v in data.items():
-        if name in hints:
-            where = f"config file {path}" + (f" line {lines[name]}" if name in lines else "")
-            out[name] = _coerce(name, v, hints[name], where)
-    return out
