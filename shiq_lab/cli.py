@@ -114,6 +114,11 @@ def _train(argv: list[str]) -> int:
     # output folder and resume checks before any model load, tokenisation or reference pass (issue 12)
     fields = runs.run_fields(run)
     resume = runs.preflight(cfg, fields)
+    from shiq_lab.infra.models import resolve_model
+
+    for name in (run.model, run.ref_model):  # a missing folder / mistyped name / unreachable hub: now, not later
+        if name:
+            resolve_model(name)
     trainer = build_run(run, cfg)
     result = trainer.train(resume_from_checkpoint=resume, run_fields=fields)
     trainer.save_model()

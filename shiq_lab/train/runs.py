@@ -13,7 +13,8 @@ checkpoint gets a copy, so a copied checkpoint still says which run it belongs t
 - :func:`begin` (``ShiQTrainer.train`` calls it): the same resume checks, then the actions: an
   overwrite deletes the old run's checkpoints and log, a resume removes the broken checkpoints
   newer than the one it resumes (they would be mixed into by the next save), and the record is
-  written.
+  written. The Python API does not refuse a folder holding another run (sweeps and notebooks
+  retrain into their own folders); it warns when that folder holds another run's checkpoints.
 - :func:`whole_run_loss`: after a resume, ``TrainOutput.training_loss`` is the mean over the whole
   run (the steps before the checkpoint come from its log history), not over the resumed segment.
 
@@ -335,7 +336,14 @@ def begin(cfg: Any, record: dict[str, Any], resume: str | None) -> None:
                 logger.warning("removing %s (%s): the resumed run will save that step again", path,
                                checkpoint_problem(path))
                 _remove(path)
-    elif getattr(cfg, "overwrite_output_dir", False):
+    elif not getattr(cfg, "overwrite_output_dir", False):
+        # the Python API does not refuse (sweeps and notebooks retrain into their folders); it says so
+        stored = read_record(out)
+        if list_checkpoints(out) and (stored is None or record_diff(stored, record)):
+            logger.warning("output_dir %s holds checkpoints of another run: this run's checkpoints will be mixed with "
+                           "them (save_total_limit may delete them). Use a new output_dir, or overwrite_output_dir=True",
+                           out)
+    else:
         old = [p for _, p in list_checkpoints(out)] + [out / n for n in ("log_history.json", TRAINER_STATE, RUN_FILE)]
         old = [p for p in old if p.exists()]
         if old:
