@@ -243,6 +243,12 @@ def test_whole_run_loss_after_a_resume_hand_computed():
     assert runs.whole_run_loss(TrainOutput(6, 1.0, {}), history, start_step=0).training_loss == 1.0
 
 
+def test_resume_without_a_checkpoint_is_refused_before_the_model_load(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "build_run", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert cli.main(["train", *quick(tmp_path, "--resume_from_checkpoint", "last", steps=1)]) == 2
+    assert f"no checkpoint to resume in {tmp_path / 'run'} (no checkpoint-* folder)" in capsys.readouterr().err
+
+
 def test_a_read_only_output_dir_is_refused_before_the_model_load(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "build_run", lambda *a, **k: pytest.fail("the model was loaded"))
     with read_only(tmp_path / "ro", monkeypatch):

@@ -286,21 +286,29 @@ class ReferenceCache:
         cannot be read at all, is a miss too.
         """
         folder = self.path(self.key(fingerprint, identity))
-        if not folder.exists():
-            return None
-        try:
-            return self.read(folder, fingerprint=fingerprint, identity=identity)
-        except (FileNotFoundError, NotADirectoryError):
-            return None  # replaced under our feet: a miss
-        except StaleReferenceCacheError as err:
-            if not folder.exists():
+        for _ in range(3):
+            try:
+                inode = folder.stat().st_ino
+            except OSError:
+                return None  # no entry (or it vanished): a miss
+            try:
+                return self.read(folder, fingerprint=fingerprint, identity=identity)
+            except (FileNotFoundError, NotADirectoryError):
+                return None  # replaced under our feet: a miss
+            except StaleReferenceCacheError as err:
+                try:
+                    replaced = folder.stat().st_ino != inode
+                except OSError:
+                    return None
+                if replaced:
+                    continue  # another writer swapped the entry while we read it: read the new one
+                warnings.warn(f"ignoring a damaged reference cache entry, it will be recomputed: {err}", stacklevel=2)
                 return None
-            warnings.warn(f"ignoring a damaged reference cache entry, it will be recomputed: {err}", stacklevel=2)
-            return None
-        except OSError as err:
-            warnings.warn(f"cannot read the reference cache entry {folder} ({err.strerror or err}): recomputing",
-                          stacklevel=2)
-            return None
+            except OSError as err:
+                warnings.warn(f"cannot read the reference cache entry {folder} ({err.strerror or err}): recomputing",
+                              stacklevel=2)
+                return None
+        return None
 
     def save(self, fingerprint: str, identity: dict[str, str], logp: list[np.ndarray], logz: list[np.ndarray]) -> Path:
         return self.write(self.path(self.key(fingerprint, identity)), logp, logz, fingerprint=fingerprint, identity=identity)

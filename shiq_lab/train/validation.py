@@ -100,7 +100,7 @@ def validate_config(cfg: Any) -> None:
     _real("value_head_learning_rate", cfg.value_head_learning_rate, low=0, low_open=True, optional=True)
     _integer("horizon", cfg.horizon, optional=True, extra=" (None = the full-path ShiQ loss)")
     if cfg.horizon is not None and cfg.loss_type != "shiq":
-        raise ConfigError(f"horizon={cfg.horizon!r}: only loss_type='shiq' has a horizon (got {cfg.loss_type!r})")
+        raise ConfigError(f"horizon={cfg.horizon!r}: only for loss_type='shiq' (got {cfg.loss_type!r})")
     _choice("loss_reduction", cfg.loss_reduction, ("token", "sequence"))
     _choice("truncation", cfg.truncation, TRUNCATION_POLICIES)
     _choice("reward_normalization", cfg.reward_normalization, ("none", "zscore"))
