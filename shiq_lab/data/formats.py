@@ -64,6 +64,12 @@ class DataValidationError(ValueError):
     """A dataset row is unusable; the message names the row, the field and the fix."""
 
 
+def _require_tokenized(ds: Dataset, fn: str) -> None:
+    missing = [c for c in ("input_ids", "action_mask", "token_rewards", "group") if c not in ds.column_names]
+    if missing:
+        raise DataValidationError(f"{fn} needs a tokenised dataset (columns {missing} are missing): run tokenize_dataset first")
+
+
 # ---------------------------------------------------------------------------------------------
 # formats and conversion
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from shiq_lab.data.encode import _require_tokenized
+from shiq_lab.data.formats import _require_tokenized
 
 __all__ = ["TokenRewardFn", "token_end_offsets", "word_reward"]
 
