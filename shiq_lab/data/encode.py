@@ -357,25 +357,22 @@ def _single_prompt(x: Any) -> bool:
 
 
 def _pairs(prompt: Prompt | Sequence[Prompt], responses: Response | Sequence[Response]) -> list[tuple[Prompt, Response]]:
-    if isinstance(responses, str) or _is_chat(responses):
-        responses = [responses]
-    responses = list(responses)
-    if not responses:
+    # one response (text or one chat) or a list of them; one prompt or one per response
+    listed: list[Any] = [responses] if isinstance(responses, str) or _is_chat(responses) else list(responses)
+    if not listed:
         raise ValueError("responses is empty: give at least one response (text or chat messages)")
-    for i, r in enumerate(responses):
+    for i, r in enumerate(listed):
         if not (isinstance(r, str) or _is_chat(r)):
             raise TypeError(f"responses[{i}] is {type(r).__name__}: a response is a string or a list of "
                             "{'role': ..., 'content': ...} messages")
-    if _single_prompt(prompt):
-        prompts = [prompt] * len(responses)
-    else:
-        prompts = list(prompt)  # type: ignore[arg-type]
-        if len(prompts) != len(responses):
-            raise ValueError(f"got {len(prompts)} prompts for {len(responses)} responses: give one prompt, or one per response")
+    prompts: list[Any] = [prompt] * len(listed) if _single_prompt(prompt) else list(prompt)
+    if not _single_prompt(prompt):
+        if len(prompts) != len(listed):
+            raise ValueError(f"got {len(prompts)} prompts for {len(listed)} responses: give one prompt, or one per response")
         for i, p in enumerate(prompts):
             if not _single_prompt(p):
                 raise TypeError(f"prompt[{i}] is {type(p).__name__}: a prompt is a string or a list of chat messages")
-    return list(zip(prompts, responses))
+    return list(zip(prompts, listed))
 
 
 def _cut(ids: list[int], mask: list[int], rewards: list[float]) -> tuple[int, int]:
