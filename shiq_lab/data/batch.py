@@ -56,11 +56,15 @@ def split_by_prompt(ds: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dat
     """``(train, held_out)``: about ``fraction`` of the prompts (all their rows) held out.
 
     Splitting by prompt (or ``group`` column) keeps a prompt's responses together, so pairwise
-    losses keep their pairs and no prompt is on both sides.
+    losses keep their pairs and no prompt is on both sides. Both splits get a ``source_row`` column
+    (the row's index in ``ds``, unless ``ds`` already has one), so validation errors name the row of
+    the user's file, not of the split.
     """
     if not 0 < fraction < 1:
         raise ValueError(f"fraction={fraction!r}: must be in (0, 1)")
     ds = _as_dataset(ds)
+    if "source_row" not in ds.column_names:  # errors in either split name the row of the user's data
+        ds = ds.add_column("source_row", list(range(len(ds))))
     cols = set(ds.column_names)
     if "group" in cols:
         keys = [str(g) for g in ds["group"]]

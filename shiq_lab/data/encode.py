@@ -31,6 +31,7 @@ from datasets import Dataset
 
 from shiq_lab.data.batch import PaddedBatch, batch_responses, pad_token_id
 from shiq_lab.data.formats import (
+    CHAT_ROLES,
     TOKENIZED_COLUMNS,
     TRUNCATION_POLICIES,
     DataValidationError,
@@ -76,8 +77,38 @@ def _render(tokenizer: Any, messages: list[dict], *, generation_prompt: bool) ->
     return tokenizer.apply_chat_template(clean, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+def _check_messages(messages: Any, row: int, names: Sequence[str] | None = None) -> None:
+    """Every message a dict with a known role and string content; rewards only on assistant turns."""
+    if not isinstance(messages, (list, tuple)):
+        raise DataValidationError(f"row {row}: the conversation must be a list of messages, got {type(messages).__name__}")
+    for j, m in enumerate(messages):
+        where = f"row {row}: {names[j] if names else f'messages[{j}]'}"
+        if not isinstance(m, Mapping) or "role" not in m:
+            raise DataValidationError(f"{where} must be a dict with 'role' and 'content', got {m!r}")
+        role = m["role"]
+        if role not in CHAT_ROLES:
+            hint = next((f" (did you mean {r!r}?)" for r in CHAT_ROLES if str(role).strip().lower() == r), "")
+            raise DataValidationError(
+                f"{where} has role {role!r}{hint}; allowed roles are {', '.join(CHAT_ROLES)} (assistant turns are the "
+                "policy's actions, every other role is environment text): fix the role")
+        content = m.get("content")
+        if content is None and not m.get("tool_calls"):
+            raise DataValidationError(f"{where} ({role}) has content None: give its text as a string")
+        if content is not None and not isinstance(content, str):
+            raise DataValidationError(f"{where} ({role}) content is a {type(content).__name__}, not a string: give its text")
+        if role != "assistant" and m.get("reward") is not None:
+            raise DataValidationError(
+                f"{where} is a {role} message with reward={m['reward']!r}: only assistant turns earn rewards (the "
+                "environment's tokens are not actions); move the reward onto the assistant turn it rewards")
+        if role == "assistant" and not m.get("tool_calls") and not str(content).strip():
+            state = "empty" if not content else "whitespace only"
+            raise DataValidationError(
+                f"{where} (assistant) is {state}: an empty response has nothing to learn; drop the turn or the row")
+
+
 def _chat_segments(
-    tokenizer: Any, messages: list[dict], row: int, *, end_of_turn: str | None = None
+    tokenizer: Any, messages: list[dict], row: int, *, end_of_turn: str | None = None,
+    names: Sequence[str] | None = None,
 ) -> list[tuple[str, bool, float]]:
     """Split a conversation rendered by the chat template into (text, is_policy, reward) segments.
 
@@ -91,9 +122,7 @@ def _chat_segments(
         raise DataValidationError(
             f"row {row}: conversational data needs a tokenizer with a chat template; set tokenizer.chat_template "
             "(shiq_lab.infra.models.CHAT_TEMPLATE is ChatML)")
-    for j, m in enumerate(messages):
-        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-            raise DataValidationError(f"row {row}: message {j} must be a dict with 'role' and 'content', got {m!r}")
+    _check_messages(messages, row, names)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataValidationError(f"row {row}: the conversation has no assistant turn, so nothing to learn: drop the row")
     eos = end_of_turn if end_of_turn is not None else tokenizer.eos_token
@@ -102,9 +131,8 @@ def _chat_segments(
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        if not str(m["content"]):
-            raise DataValidationError(f"row {row}: assistant message {i} is empty: an empty response has nothing to learn; drop it")
-        reward = _reward_value(m.get("reward", 0.0) if m.get("reward") is not None else 0.0, row, f"messages[{i}].reward")
+        name = names[i] if names else f"messages[{i}]"
+        reward = _reward_value(m.get("reward") if m.get("reward") is not None else 0.0, row, f"{name}.reward")
         head = _render(tokenizer, messages[:i], generation_prompt=True) if i else _render(tokenizer, [], generation_prompt=True)
         full = _render(tokenizer, messages[: i + 1], generation_prompt=False)
         if not head.startswith(done) or not full.startswith(head):
@@ -130,12 +158,15 @@ def _standard_tokens(
             raise DataValidationError(f"row {i}: completion_ids is empty: an empty response has nothing to learn; drop the row")
     else:
         prompt, completion = row["prompt"], row["completion"]
+        field = row.get("source_field") or "completion"  # preference rows name the file's field (chosen / rejected)
         if not isinstance(prompt, str) or not isinstance(completion, str):
             raise DataValidationError(
-                f"row {i}: prompt and completion must both be strings (or both lists of messages), "
+                f"row {i}: prompt and {field} must both be strings (or both lists of messages), "
                 f"got {type(prompt).__name__} and {type(completion).__name__}")
-        if completion == "":
-            raise DataValidationError(f"row {i}: completion is empty: an empty response has nothing to learn; drop the row")
+        if not completion.strip():
+            state = "empty" if completion == "" else f"whitespace only ({completion!r})"
+            raise DataValidationError(
+                f"row {i}: {field} is {state}: an empty response has nothing to learn; drop the row")
         prompt_ids = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
         completion_ids = _encode(tokenizer, completion)
         eos_added = add_eos
@@ -144,6 +175,10 @@ def _standard_tokens(
     n = len(completion_ids)
     rewards = [0.0] * n
     tok_r = row.get("token_rewards")
+    if tok_r is not None and not isinstance(tok_r, (list, tuple)):
+        raise DataValidationError(
+            f"row {i}: token_rewards={tok_r!r} is a {type(tok_r).__name__}, not a list: give one number per completion "
+            "token, or put a sequence reward in 'reward'")
     if tok_r is not None:
         tok_r = [_reward_value(v, i, f"token_rewards[{k}]") for k, v in enumerate(tok_r)]
         if len(tok_r) == n - eos_added and eos_added:
@@ -159,23 +194,42 @@ def _standard_tokens(
     return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * n, [0.0] * len(prompt_ids) + rewards
 
 
-def _chat_messages(row: dict, i: int, fmt: str) -> list[dict]:
-    """The conversation of a chat row, with a conversational row's ``reward`` on its last assistant turn."""
+def _chat_messages(row: dict, i: int, fmt: str) -> tuple[list[dict], list[str]]:
+    """The conversation of a chat row (with a conversational row's ``reward`` on its last assistant turn)
+    and the name of each message in the user's row (``messages[3]``, ``completion[0]``)."""
+    if row.get("token_rewards") is not None:
+        raise DataValidationError(
+            f"row {i}: token_rewards is not read in chat data: put each turn's reward on its assistant message "
+            "({'role': 'assistant', 'content': ..., 'reward': r})")
     if fmt == "conversational":
         prompt, completion = row["prompt"], row["completion"]
         if not isinstance(completion, list) or not completion:
             raise DataValidationError(f"row {i}: completion must be a non-empty list of assistant messages")
+        _check_messages(prompt, i, [f"prompt[{k}]" for k in range(len(prompt))] if isinstance(prompt, list) else None)
+        names = [f"prompt[{k}]" for k in range(len(prompt))] + [f"completion[{k}]" for k in range(len(completion))]
         messages = [dict(m) for m in prompt] + [dict(m) for m in completion]
         last = max(k for k, m in enumerate(messages) if m.get("role") == "assistant") if any(
             m.get("role") == "assistant" for m in messages) else None
         if last is not None:
+            if messages[last].get("reward") is not None:
+                raise DataValidationError(
+                    f"row {i}: {names[last]} has its own reward and the row has 'reward': give one of the two")
             messages[last]["reward"] = _reward_value(row.get("reward"), i, "reward")
-        return messages
-    return [dict(m) for m in row["messages"]]
+        return messages, names
+    for key in ("rewards", "reward"):
+        if row.get(key) is not None:
+            raise DataValidationError(
+                f"row {i}: multi-turn rows carry rewards on their assistant messages, and the row-level {key!r} "
+                f"({row[key]!r}) is not read: move each value onto its assistant turn "
+                "(messages[k]['reward']), e.g. a final score onto the last assistant message")
+    messages = row["messages"]
+    _check_messages(messages, i)
+    return [dict(m) for m in messages], [f"messages[{k}]" for k in range(len(messages))]
 
 
 def _chat_encoding(
-    tokenizer: Any, messages: list[dict], i: int, *, end_of_turn: str | None = None, offsets: bool = False
+    tokenizer: Any, messages: list[dict], i: int, *, end_of_turn: str | None = None, offsets: bool = False,
+    names: Sequence[str] | None = None,
 ) -> tuple[list[int], list[int], list[float], list[int]]:
     """ids, policy mask, token rewards and (``offsets=True``) each token's start in the rendered text."""
     ids: list[int] = []
@@ -183,7 +237,7 @@ def _chat_encoding(
     rewards: list[float] = []
     starts: list[int] = []
     at = 0
-    for text, policy, reward in _chat_segments(tokenizer, messages, i, end_of_turn=end_of_turn):
+    for text, policy, reward in _chat_segments(tokenizer, messages, i, end_of_turn=end_of_turn, names=names):
         if offsets:
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             seg = list(enc["input_ids"])
@@ -201,8 +255,20 @@ def _chat_encoding(
 
 
 def _chat_tokens(row: dict, i: int, tokenizer: Any, fmt: str) -> tuple[list[int], list[int], list[float]]:
-    ids, mask, rewards, _ = _chat_encoding(tokenizer, _chat_messages(row, i, fmt), i)
+    messages, names = _chat_messages(row, i, fmt)
+    ids, mask, rewards, _ = _chat_encoding(tokenizer, messages, i, names=names)
     return ids, mask, rewards
+
+
+def _require_turn_rewards(ds: Dataset) -> None:
+    """Multi-turn data where no assistant turn has a reward would train on reward 0 everywhere."""
+    for msgs in ds["messages"]:
+        if isinstance(msgs, list) and any(isinstance(m, Mapping) and m.get("reward") is not None for m in msgs):
+            return
+    raise DataValidationError(
+        f"no assistant message in the {len(ds)} multi-turn rows has a 'reward', so every reward would be 0: put each "
+        "turn's reward on its assistant message ({'role': 'assistant', 'content': ..., 'reward': r}), or pass "
+        "allow_zero_rewards=True (config: allow_zero_rewards: true) if zero rewards are meant")
 
 
 def _fit_length(
@@ -245,6 +311,7 @@ def tokenize_dataset(
     add_eos: bool = True,
     preference_rewards: tuple[float, float] = (1.0, 0.0),
     label_rewards: tuple[float, float] = (1.0, 0.0),
+    allow_zero_rewards: bool = False,
 ) -> Dataset:
     """Tokenise a dataset of any accepted format into per-token training rows.
 
@@ -252,12 +319,18 @@ def tokenize_dataset(
     ``token_rewards`` (reward of generating each token), ``group`` (int, rows of one prompt share
     it), ``prompt_length`` (tokens before the first policy token) and ``truncated``. Every row is
     validated before anything is returned; a bad row raises :class:`DataValidationError` naming the
-    row, the field and the fix. See the module docstring for the truncation policy.
+    row, the field and the fix; the row is the row of the user's data (a ``source_row`` column,
+    which :func:`~shiq_lab.data.formats.to_shiq_format` and :func:`~shiq_lab.data.batch.split_by_prompt`
+    carry, keeps that number through pair expansion and splitting). Multi-turn data in which no
+    assistant turn has a ``reward`` is refused unless ``allow_zero_rewards=True`` says so on
+    purpose. See the module docstring for the truncation policy.
     """
     if truncation not in TRUNCATION_POLICIES:
         raise ValueError(f"truncation={truncation!r}: choose one of {TRUNCATION_POLICIES}")
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length={max_length!r}: must be an int >= 2 (a prompt token and a response token)")
+    if isinstance(ds, Dataset) and len(ds) == 0:
+        raise DataValidationError("the dataset is empty (0 rows): give at least one row")
     ds = to_shiq_format(ds, preference_rewards=preference_rewards, label_rewards=label_rewards)
     fmt = detect_format(ds)
     _check_tokenizer(tokenizer, add_eos=add_eos and fmt == "standard")
@@ -266,7 +339,9 @@ def tokenize_dataset(
     out: dict[str, list] = {k: [] for k in TOKENIZED_COLUMNS}
     group_ids: dict[str, int] = {}
     dropped = truncated = 0
-    for i, row in enumerate(ds):
+    source = ds["source_row"] if "source_row" in ds.column_names else None
+    for k, row in enumerate(ds):
+        i = int(source[k]) if source is not None and source[k] is not None else k  # the row in the user's data
         if fmt == "standard":
             ids, mask, rewards = _standard_tokens(row, i, tokenizer, add_eos=add_eos, pretokenized=pretokenized)
         else:
@@ -292,6 +367,8 @@ def tokenize_dataset(
         out["group"].append(group_ids.setdefault(key, len(group_ids)))
         out["prompt_length"].append(mask.index(1))
         out["truncated"].append(cut)
+    if fmt == "multiturn" and not allow_zero_rewards:  # after the rows: a row's own error is more precise
+        _require_turn_rewards(ds)
     if dropped:
         warnings.warn(f"tokenize_dataset: dropped {dropped} of {len(ds)} rows longer than max_length={max_length} "
                       f"(truncation='{truncation}')", stacklevel=2)

@@ -91,6 +91,8 @@ class ShiQConfig(TrainingArguments):
     reward_normalization: str = field(default="none", metadata={"help": "'none' or 'zscore' (of sequence returns)"})
     chosen_reward: float = field(default=1.0, metadata={"help": "reward of 'chosen' in preference data"})
     rejected_reward: float = field(default=0.0, metadata={"help": "reward of 'rejected' in preference data"})
+    allow_zero_rewards: bool = field(default=False, metadata={
+        "help": "accept multi-turn data in which no assistant turn has a reward (all rewards 0, on purpose)"})
     ref_cache_dir: str | None = field(default=None, metadata={
         "help": "reference-statistics cache folder (default: $SHIQ_LAB_CACHE/ref_stats)"})
     use_ref_cache: bool = field(default=True, metadata={"help": "read / write the reference-statistics cache"})
@@ -249,7 +251,8 @@ class ShiQTrainer(Trainer):
             return ds
         if not isinstance(ds, Dataset) or not {"input_ids", "action_mask", "token_rewards"} <= set(ds.column_names):
             ds = tokenize_dataset(ds, tokenizer, max_length=args.max_length, truncation=args.truncation,
-                                  add_eos=args.add_eos, preference_rewards=(args.chosen_reward, args.rejected_reward))
+                                  add_eos=args.add_eos, preference_rewards=(args.chosen_reward, args.rejected_reward),
+                                  allow_zero_rewards=args.allow_zero_rewards)
         if args.reward_normalization != "none":
             ds, stats = normalize_rewards(ds, args.reward_normalization,
                                           stats=None if split == "train" else self.reward_stats)
