@@ -8,7 +8,7 @@
     shiq-lab models fetch NAME [NAME ...]      # also: shiq-lab models list
 
 Every field of the YAML config is also a flag, and a flag overrides the file. The fields are those
-of :class:`RunArguments` (model, data, LoRA) and of :class:`shiq_lab.train.trainer.ShiQConfig` (all of
+of :class:`RunArguments` (model, data, LoRA) and of :class:`shiq_lab.train.config.ShiQConfig` (all of
 ``transformers.TrainingArguments`` plus the ShiQ fields); ``shiq-lab train --help`` lists them.
 
 ``evaluate`` runs a task's evaluator (``--task imdb`` by default: sampling, rewards, KL of generations,
@@ -19,87 +19,30 @@ on a dataset (``--config`` + ``--checkpoint``). Tasks may add sub-commands (:mod
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from shiq_lab.infra.config import report_errors
+from shiq_lab.train.config import RunArguments, ShiQConfig
 
 __all__ = ["RunArguments", "parse_config", "build_run", "main"]
 
 
-@dataclass
-class RunArguments:
-    """Model, data and adapter fields of a run (the training fields live in ``ShiQConfig``)."""
-
-    model: str = field(default="tiny", metadata={"help": "registered model name (shiq-lab models list), folder or hub id"})
-    ref_model: str | None = field(default=None, metadata={"help": "separate reference model (default: the model itself)"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 | auto"})
-    dataset: str = field(default="synthetic", metadata={
-        "help": "file (.jsonl/.json/.csv/.parquet), save_to_disk folder, 'synthetic[:kind]' or 'package.module:function'"})
-    dataset_kwargs: str | None = field(default=None, metadata={"help": "JSON object of keyword arguments for the dataset"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "evaluation dataset, same forms as dataset"})
-    eval_fraction: float = field(default=0.0, metadata={
-        "help": "hold out this fraction of the prompts (with all their responses) for evaluation"})
-    max_rows: int | None = field(default=None, metadata={"help": "use only the first n rows of the dataset"})
-    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters (reference = adapters disabled)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0 keeps theta = ref exact at start)"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names or all-linear"})
-
-
-def _parser(prog: str):
-    from transformers import HfArgumentParser
-
-    from shiq_lab.train.trainer import ShiQConfig
-
-    return HfArgumentParser((RunArguments, ShiQConfig), prog=prog)
-
-
-def _field_names() -> set[str]:
-    from shiq_lab.train.trainer import ShiQConfig
-
-    return {f.name for f in dataclasses.fields(RunArguments)} | {f.name for f in dataclasses.fields(ShiQConfig) if f.init}
-
-
-def _read_config(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"config file {path} does not exist (shipped configs are in configs/)")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"config file {path} must be a YAML mapping of field: value")
-    unknown = sorted(set(data) - _field_names())
-    if unknown:
-        raise SystemExit(f"config file {path}: unknown field(s) {unknown}; see `shiq-lab train --help` for the fields")
-    if isinstance(data.get("dataset_kwargs"), dict):
-        data["dataset_kwargs"] = json.dumps(data["dataset_kwargs"])
-    return data
 
 
 def parse_config(argv: list[str], *, extra: argparse.ArgumentParser | None = None,
-                 prog: str = "shiq-lab train") -> tuple[Any, Any, argparse.Namespace]:
+                 prog: str = "shiq-lab train") -> tuple[RunArguments, ShiQConfig, argparse.Namespace]:
     """``(RunArguments, ShiQConfig, extra namespace)`` from ``--config FILE`` and flags (flags win)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
+    from shiq_lab.infra.config import parse_config as parse
+
     extra_ns = argparse.Namespace()
     if extra is not None:
-        extra_ns, rest = extra.parse_known_args(rest)
-    parser = _parser(prog)
-    parser.add_argument("--config", default=None, help="YAML file of field: value (flags override it)")
-    if known.config:
-        parser.set_defaults(**_read_config(known.config))
-    try:
-        run, cfg = parser.parse_args_into_dataclasses(args=rest)[:2]
-    except ValueError as err:  # unknown flags, bad field values (ShiQConfig validation)
-        raise SystemExit(f"shiq-lab: {err}") from None
+        extra_ns, argv = extra.parse_known_args(argv)
+    run, cfg = parse((RunArguments, ShiQConfig), argv, prog=prog)
     return run, cfg, extra_ns
 
 
@@ -315,6 +258,7 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+@report_errors
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``shiq-lab``."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from shiq_lab import cli
+from shiq_lab.infra.config import ConfigError
 from shiq_lab.infra.models import model_folder
 from shiq_lab.reference import cache as ref_mod
 from shiq_lab.reference.cache import StaleReferenceCacheError
@@ -52,11 +53,11 @@ def test_flags_override_the_config_and_unknown_fields_fail(tmp_path):
     assert json.loads(run.dataset_kwargs) == {"n": 64, "seed": 0} and cfg.learning_rate == 1e-3
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\nbetta: 0.1\n")
-    with pytest.raises(SystemExit, match=r"unknown field\(s\) \['betta'\]"):
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown field\(s\) 'betta' \(did you mean 'beta'\?\)"):
         cli.parse_config(["--config", str(bad)])
-    with pytest.raises(SystemExit, match="--bogus"):
+    with pytest.raises(ConfigError, match="--bogus"):
         cli.parse_config(["--config", CONFIG, "--bogus", "1"])
-    with pytest.raises(SystemExit, match="beta=-1.0: must be > 0"):
+    with pytest.raises(ConfigError, match="beta=-1.0: must be > 0"):
         cli.parse_config(["--config", CONFIG, "--beta", "-1"])
     assert cli.main(["nonsense"]) == 2
 

@@ -21,14 +21,13 @@ Batch sizes count responses for every loss type: the pairwise losses (DPO, CoPG)
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +41,14 @@ from transformers.trainer_callback import PrinterCallback
 from shiq_lab.evaluation.frontier import pareto_mask, save_frontier
 from shiq_lab.evaluation.generations import FRONTIER_COLUMNS, PolicyEval, evaluate_policy
 from shiq_lab.evaluation.sampling import build_offline_dataset
+from shiq_lab.infra.config import report_errors
 from shiq_lab.infra.models import MODEL_BUILDERS, cache_dir, load_model, model_folder
 from shiq_lab.infra.runtime import cpu_threads as use_cpu_threads
-from shiq_lab.losses import LOSS_TYPES
+from shiq_lab.losses import LOSS_TYPES, PAIRWISE_LOSSES
 from shiq_lab.tasks.imdb import lm as imdb_model  # noqa: F401 -- registers "imdb-small"
 from shiq_lab.tasks.imdb.reviews import imdb_prompts
 from shiq_lab.tasks.imdb.reward import RewardModelConfig, SentimentReward, load_reward_model
+from shiq_lab.train.config import ShiQConfig
 
 __all__ = ["ImdbTaskConfig", "offline_dataset", "FrontierCallback", "train_run", "ImdbTaskResult", "run_imdb_task", "main"]
 
@@ -109,27 +110,42 @@ def offline_dataset(
     return ds
 
 
+#: the task's defaults for training fields (the quick CPU run of notebook 04 and CI); a sweep YAML or a flag
+#: overrides any of them, and any other ``ShiQConfig`` field can be given the same way
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "max_steps": 40,  # x per_device_train_batch_size = n_train_prompts x samples_per_prompt: one pass over the data
+    "per_device_train_batch_size": 16,  # responses per step, for every loss type (see the module docstring)
+    "learning_rate": 1e-3,
+    "lr_scheduler_type": "constant",
+    "reward_normalization": "zscore",  # a per-state value offset of E[R]/beta is hard to learn: centre R
+    "max_length": 64,
+    "output_dir": "runs/imdb",
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+    "disable_tqdm": True,
+}
+#: names of the flat config of release 0.1 (one release of support): old name -> ShiQConfig field
+_LEGACY_TRAINING_NAMES = {"batch_size": "per_device_train_batch_size"}
+
+
 @dataclass
 class ImdbTaskConfig:
-    """Every setting of an IMDB run (the defaults are the quick CPU run of notebook 04 and CI)."""
+    """The task's own settings of an IMDB sweep; training settings are a :class:`ShiQConfig` beside it.
+
+    A sweep is ``(ImdbTaskConfig, ShiQConfig)``: one YAML file holds the fields of both (see
+    ``configs/sweep/``); :func:`split_config` splits a flat mapping the same way.
+    """
 
     model: str = "imdb-small"  # reference and starting point: registered name, folder or hub id
-    loss_types: Sequence[str] = LOSS_TYPES
-    betas: Sequence[float] = (0.1, 0.5)  # in units of the reward's spread when rewards are z-scored
+    loss_types: list[str] = field(default_factory=lambda: list(LOSS_TYPES))
+    betas: list[float] = field(default_factory=lambda: [0.1, 0.5])  # in reward spreads when rewards are z-scored
     # data
-    n_train_prompts: int = 160  # x samples_per_prompt = max_steps x batch_size: one pass over the data
+    n_train_prompts: int = 160  # x samples_per_prompt = max_steps x batch size: one pass over the data
     samples_per_prompt: int = 4  # responses per train prompt (pairs for DPO / CoPG)
     n_words: int = 8  # words per prompt
     max_new_tokens: int = 16
     reward: str = "prob"  # "prob" = P(positive), "logit" = log-odds
-    # training
-    max_steps: int = 40
-    batch_size: int = 16  # responses per step, for every loss type
-    learning_rate: float = 1e-3
-    lr_scheduler_type: str = "constant"
-    reward_normalization: str = "zscore"  # a per-state value offset of E[R]/beta is hard to learn: centre R
-    max_length: int = 64
-    trainer_args: dict[str, Any] = field(default_factory=dict)  # any other ShiQConfig field
     # evaluation
     eval_every: int = 20  # steps between frontier points (also evaluates after the last step)
     n_eval_prompts: int = 64
@@ -137,34 +153,69 @@ class ImdbTaskConfig:
     eval_seed: int = 1234  # sampling seed, the same for every policy (common random numbers)
     sample_batch_size: int = 64
     # where and how
-    output_dir: str = "runs/imdb"
     device: str = "cpu"
     cpu_threads: int | None = 1  # torch threads of a CPU run (small models: 1 is fastest); None: torch's setting
     dtype: str = "float32"
     save_models: bool = True
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        self.loss_types = tuple(self.loss_types)
-        self.betas = tuple(float(b) for b in self.betas)
+        self.loss_types = list(self.loss_types)
+        self.betas = [float(b) for b in self.betas]
         bad = [lt for lt in self.loss_types if lt not in LOSS_TYPES]
         if bad:
             raise ValueError(f"loss_types={bad}: choose among {LOSS_TYPES}")
-        if not self.betas or any(b <= 0 for b in self.betas):
-            raise ValueError(f"betas={self.betas}: give at least one beta, each > 0")
-        if self.eval_every < 1 or self.max_steps < 1:
-            raise ValueError(f"eval_every={self.eval_every}, max_steps={self.max_steps}: both must be >= 1")
-        pairwise = {"dpo", "copg"} & set(self.loss_types)
+        if not self.betas or any(not (b > 0 and b < float("inf")) for b in self.betas):
+            raise ValueError(f"betas={self.betas}: give at least one beta, each > 0 and finite")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every={self.eval_every}: must be >= 1")
+        pairwise = sorted(set(PAIRWISE_LOSSES) & set(self.loss_types))
         if pairwise and self.samples_per_prompt < 2:
-            raise ValueError(f"samples_per_prompt={self.samples_per_prompt}: {sorted(pairwise)} need >= 2 responses per prompt")
-        if pairwise and self.batch_size < self.samples_per_prompt:
-            raise ValueError(f"batch_size={self.batch_size} < samples_per_prompt={self.samples_per_prompt}: "
-                             "a pairwise step needs at least one whole prompt group")
+            raise ValueError(f"samples_per_prompt={self.samples_per_prompt}: {pairwise} need >= 2 responses per prompt")
+
+    def check_training(self, training: ShiQConfig) -> None:
+        """What this task needs of the training config (raises ``ValueError`` naming both fields)."""
+        if training.max_steps < 1:
+            raise ValueError(f"max_steps={training.max_steps}: the sweep needs a step budget >= 1")
+        if set(PAIRWISE_LOSSES) & set(self.loss_types) and training.per_device_train_batch_size < self.samples_per_prompt:
+            raise ValueError(f"per_device_train_batch_size={training.per_device_train_batch_size} < samples_per_prompt="
+                             f"{self.samples_per_prompt}: a pairwise step needs at least one whole prompt group")
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["loss_types"], d["betas"] = list(self.loss_types), list(self.betas)
-        return d
+        return asdict(self)
+
+
+def default_learning_rate(model: str) -> float:
+    """The task's learning rate: 1e-3 for the small models built here (``imdb-small``, ``tiny``), else 1e-5."""
+    return 1e-3 if model in ("imdb-small", "tiny") else 1e-5
+
+
+def one_pass_prompts(max_steps: int, batch_size: int, samples_per_prompt: int) -> int:
+    """Train prompts for one pass over the offline data in ``max_steps`` steps of ``batch_size`` responses."""
+    return max(8, max_steps * batch_size // samples_per_prompt)
+
+
+def default_training(**overrides: Any) -> ShiQConfig:
+    """The task's training config: :data:`TRAINING_DEFAULTS` with ``overrides`` (any ``ShiQConfig`` field)."""
+    from shiq_lab.train.config import ShiQConfig
+
+    return ShiQConfig(**{**TRAINING_DEFAULTS, **overrides})
+
+
+def split_config(values: dict[str, Any]) -> tuple[ImdbTaskConfig, ShiQConfig]:
+    """A flat mapping of task and training fields -> ``(ImdbTaskConfig, ShiQConfig)`` (task defaults filled in).
+
+    Accepts release 0.1's names for one release (``batch_size``, ``trainer_args: {...}``).
+    """
+    values = dict(values)
+    values.update(values.pop("trainer_args", None) or {})
+    for old, new in _LEGACY_TRAINING_NAMES.items():
+        if old in values:
+            values[new] = values.pop(old)
+    task_fields = {f.name for f in dataclasses.fields(ImdbTaskConfig)}
+    task = ImdbTaskConfig(**{k: v for k, v in values.items() if k in task_fields})
+    training = default_training(**{k: v for k, v in values.items() if k not in task_fields})
+    task.check_training(training)
+    return task, training
 
 
 class FrontierCallback(TrainerCallback):
@@ -203,6 +254,7 @@ def _dtype(name: str) -> torch.dtype:
 
 def train_run(
     config: ImdbTaskConfig,
+    training: ShiQConfig,
     loss_type: str,
     beta: float,
     dataset: Dataset,
@@ -215,21 +267,16 @@ def train_run(
     Returns ``{"points": [(step, PolicyEval)], "history": trainer log rows, "folder": run folder,
     "seconds": ...}``; writes ``run.json`` (and the final model when ``save_models``) into the folder.
     """
-    from shiq_lab.train.trainer import ShiQConfig, ShiQTrainer
+    from shiq_lab.train.trainer import ShiQTrainer
 
-    folder = Path(config.output_dir) / f"{loss_type}-beta{beta:g}"
+    folder = Path(training.output_dir) / f"{loss_type}-beta{beta:g}"
     folder.mkdir(parents=True, exist_ok=True)
     policy, tokenizer = load_model(config.model, dtype=_dtype(config.dtype))
-    pairwise = loss_type in ("dpo", "copg")
-    batch = max(1, config.batch_size // config.samples_per_prompt) if pairwise else config.batch_size
-    args = ShiQConfig(
-        output_dir=str(folder), loss_type=loss_type, beta=beta, max_length=config.max_length,
-        per_device_train_batch_size=batch, learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler_type, max_steps=config.max_steps,
-        reward_normalization=config.reward_normalization, logging_steps=1, save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=config.seed, use_cpu=config.device == "cpu",
-        **config.trainer_args,
-    )
+    responses = training.per_device_train_batch_size
+    # a pairwise row is a whole prompt group: as many responses per step as the other losses see
+    batch = max(1, responses // config.samples_per_prompt) if loss_type in PAIRWISE_LOSSES else responses
+    args = dataclasses.replace(training, output_dir=str(folder), loss_type=loss_type, beta=beta,
+                               per_device_train_batch_size=batch, use_cpu=config.device == "cpu")
     callback = FrontierCallback(config.eval_every, evaluate, on_point=lambda s, r: log(
         f"   {loss_type:4s} beta={beta:<5g} step {s:4d}: reward {r.reward_mean:.3f}  KL {r.kl_states_mean:.3f}"))
     start = time.perf_counter()
@@ -241,7 +288,7 @@ def train_run(
         trainer.save_model(str(folder / "final"))
     history = [dict(row) for row in trainer.state.log_history if "loss" in row]
     (folder / "run.json").write_text(json.dumps({
-        "model": config.model, "loss_type": loss_type, "beta": beta, "max_steps": config.max_steps,
+        "model": config.model, "loss_type": loss_type, "beta": beta, "max_steps": training.max_steps,
         "seconds": round(seconds, 2), "history": history,
         "points": [{"step": s, **r.row()} for s, r in callback.points],
     }, indent=1))
@@ -253,6 +300,7 @@ class ImdbTaskResult:
     """What :func:`run_imdb_task` measured."""
 
     config: ImdbTaskConfig
+    training: ShiQConfig
     frontier: pd.DataFrame  # FRONTIER_COLUMNS + "pareto"
     history: pd.DataFrame  # one row per training log step: loss_type, beta, step, loss, kl, ...
     reference_eval: PolicyEval
@@ -279,32 +327,38 @@ class ImdbTaskResult:
         return out
 
 
-def run_imdb_task(config: ImdbTaskConfig = ImdbTaskConfig(), *, log: Callable[[str], None] = print) -> ImdbTaskResult:
+def run_imdb_task(config: ImdbTaskConfig | None = None, training: ShiQConfig | None = None, *,
+                  log: Callable[[str], None] = print) -> ImdbTaskResult:
     """The whole task: classifier -> offline data -> every (loss type, beta) -> frontier (saved).
 
+    ``training`` is the template of every run's ``ShiQConfig`` (default: :func:`default_training`); each run
+    replaces its ``loss_type``, ``beta``, ``output_dir`` (``<output_dir>/<loss>-beta<beta>``) and batch size.
     ``log`` receives one line per step of the pipeline and per frontier point.
     """
+    config = config or ImdbTaskConfig()
+    training = training or default_training()
+    config.check_training(training)
     with use_cpu_threads(config.cpu_threads if config.device == "cpu" else None):
-        return _run(config, log)
+        return _run(config, training, log)
 
 
-def _run(config: ImdbTaskConfig, log: Callable[[str], None]) -> ImdbTaskResult:
+def _run(config: ImdbTaskConfig, training: ShiQConfig, log: Callable[[str], None]) -> ImdbTaskResult:
     start = time.perf_counter()
-    out = Path(config.output_dir)
+    out = Path(training.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
-    torch.manual_seed(config.seed)
+    (out / "config.json").write_text(json.dumps({**config.to_dict(), **_training_fields(training)}, indent=1))
+    torch.manual_seed(training.seed)
 
     classifier = load_reward_model()
     log(f"reward model: held-out accuracy {classifier.meta['accuracy_test']:.3f} on {classifier.meta['n_test_reviews']} IMDB test reviews")
     reward_fn = SentimentReward(classifier, kind=config.reward)
     dataset = offline_dataset(config.model, n_prompts=config.n_train_prompts, samples_per_prompt=config.samples_per_prompt,
-                              n_words=config.n_words, max_new_tokens=config.max_new_tokens, seed=config.seed,
+                              n_words=config.n_words, max_new_tokens=config.max_new_tokens, seed=training.seed,
                               reward=config.reward, batch_size=config.sample_batch_size, device=config.device)
     log(f"offline dataset: {len(dataset)} responses, mean reward {pd.Series(dataset['reward']).mean():.3f}")
 
     reference, tokenizer = load_model(config.model, dtype=_dtype(config.dtype), device=config.device)
-    eval_prompts = imdb_prompts("test", config.n_eval_prompts, n_words=config.n_words, seed=config.seed + 1)
+    eval_prompts = imdb_prompts("test", config.n_eval_prompts, n_words=config.n_words, seed=training.seed + 1)
 
     def evaluate(policy: torch.nn.Module) -> PolicyEval:
         return evaluate_policy(policy, reference, tokenizer, eval_prompts, reward_fn,
@@ -318,7 +372,7 @@ def _run(config: ImdbTaskConfig, log: Callable[[str], None]) -> ImdbTaskResult:
     history, final_evals = [], {}
     for loss_type in config.loss_types:
         for beta in config.betas:
-            run = train_run(config, loss_type, beta, dataset, evaluate, log=log)
+            run = train_run(config, training, loss_type, beta, dataset, evaluate, log=log)
             for step, result in run["points"]:
                 rows.append({"label": f"{loss_type} beta={beta:g} step={step}", "loss_type": loss_type, "beta": beta,
                              "step": step, "path": str(run["folder"]), **result.row()})
@@ -330,7 +384,7 @@ def _run(config: ImdbTaskConfig, log: Callable[[str], None]) -> ImdbTaskResult:
     history_frame = pd.DataFrame(history)
     paths["history"] = out / "history.csv"
     history_frame.to_csv(paths["history"], index=False)
-    result = ImdbTaskResult(config=config, frontier=frontier, history=history_frame, reference_eval=reference_eval,
+    result = ImdbTaskResult(config=config, training=training, frontier=frontier, history=history_frame, reference_eval=reference_eval,
                             final_evals=final_evals, classifier_meta=classifier.meta, dataset=dataset, paths=paths,
                             seconds=time.perf_counter() - start)
     paths["summary"] = out / "summary.json"
@@ -338,35 +392,45 @@ def _run(config: ImdbTaskConfig, log: Callable[[str], None]) -> ImdbTaskResult:
     return result
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
+def _legacy_flags(argv: list[str]) -> list[str]:
+    """Release 0.1's flag forms, for one release: ``--batch_size``, and YAML lists such as ``--betas '[0.1, 0.5]'``."""
     import yaml
 
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"{path}: must be a YAML mapping of ImdbTaskConfig fields")
-    return data
+    out: list[str] = []
+    for a in argv:
+        if a.startswith("--") and a[2:] in _LEGACY_TRAINING_NAMES:
+            out.append(f"--{_LEGACY_TRAINING_NAMES[a[2:]]}")
+        elif a.startswith("[") and a.endswith("]"):
+            out += [str(v) for v in yaml.safe_load(a)]
+        else:
+            out.append(a)
+    return out
 
 
+def _training_fields(training: ShiQConfig) -> dict[str, Any]:
+    """The training fields that differ from ``ShiQConfig``'s defaults (what a sweep's config.json records)."""
+    from shiq_lab.train.config import ShiQConfig
+
+    plain = ShiQConfig(output_dir=training.output_dir)
+    return {f.name: getattr(training, f.name) for f in dataclasses.fields(training)
+            if f.init and f.name != "output_dir" and repr(getattr(training, f.name)) != repr(getattr(plain, f.name))
+            } | {"output_dir": training.output_dir}
+
+
+@report_errors
 def main(argv: list[str] | None = None) -> int:
     """``python -m shiq_lab.tasks.imdb.sweep --config FILE [--field value ...]``: the sweep, then the frontier table."""
-    fields = {f.name: f for f in dataclasses.fields(ImdbTaskConfig)}
-    parser = argparse.ArgumentParser(prog="python -m shiq_lab.tasks.imdb.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file of ImdbTaskConfig fields (flags override it)")
-    for name in fields:
-        parser.add_argument(f"--{name}", default=None, help="YAML value (lists: '[0.03, 0.1]')")
-    args = parser.parse_args(argv)
-    values = _read_yaml(args.config) if args.config else {}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise SystemExit(f"{args.config}: unknown field(s) {unknown}; fields: {', '.join(fields)}")
-    import yaml
+    from shiq_lab.infra.config import parse_config
+    from shiq_lab.train.config import ShiQConfig
 
-    for name in fields:
-        flag = getattr(args, name)
-        if flag is not None:
-            values[name] = yaml.safe_load(flag)
-    result = run_imdb_task(ImdbTaskConfig(**values))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config, training = parse_config((ImdbTaskConfig, ShiQConfig), _legacy_flags(argv), defaults=TRAINING_DEFAULTS,
+                                    prog="python -m shiq_lab.tasks.imdb.sweep", description=__doc__)
+    try:
+        config.check_training(training)
+    except ValueError as err:
+        raise SystemExit(f"shiq-lab: {err}") from None
+    result = run_imdb_task(config, training)
     table = result.frontier.drop(columns=["path", "label"])
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
