@@ -182,9 +182,10 @@ def _resolve_reference(model: torch.nn.Module, reference: Any) -> Any:
 def resolve_rewards(rewards: Rewards, encoded: Sequence[EncodedResponse]) -> list[np.ndarray]:
     """Per-response token rewards (0 on environment tokens) from any accepted form.
 
-    ``None``: the encoding's own rewards (a chat message's ``reward``, as in training; else 0). A number, or one number per response: a sequence score on the last
-    policy token. One sequence per response: per-token rewards (length = response tokens). A
-    callable ``fn(token_ids) -> per-token rewards``, called on each response's tokens.
+    ``None``: the encoding's own rewards (a chat message's ``reward``, as in training; else 0). A
+    number, or one number per response: a sequence score on the last policy token. One sequence
+    per response: per-token rewards (length = response tokens). A callable
+    ``fn(token_ids) -> per-token rewards``, called on each response's tokens.
     """
     n = len(encoded)
     out: list[np.ndarray] = []
@@ -330,7 +331,7 @@ def token_values(
         reference: see the module docstring (second model, ``model`` itself, None for a peft
             model's base, or :class:`ReferenceStats`).
         beta: KL weight; Q, V, A and the residual are in reward units.
-        rewards: see :func:`resolve_rewards` (default 0).
+        rewards: see :func:`resolve_rewards` (default: the chat messages' ``reward`` values, else 0).
         top_k: alternatives kept per position, by policy probability.
         horizon: residual horizon, as in :func:`shiq_lab.losses.shiq_loss` (None: full path).
         batch_size: responses per forward pass; chunk_tokens: states per output-head chunk.
