@@ -154,7 +154,8 @@ def _precompute(argv: list[str]) -> int:
         if ds is None:
             continue
         tok = tokenize_dataset(ds, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation, add_eos=cfg.add_eos,
-                               preference_rewards=(cfg.chosen_reward, cfg.rejected_reward))
+                               preference_rewards=(cfg.chosen_reward, cfg.rejected_reward),
+                               allow_zero_rewards=cfg.allow_zero_rewards)
         kwargs = dict(batch_size=cfg.ref_batch_size, chunk_size=cfg.logits_chunk_size, logits_mode=cfg.logits_mode,
                       autocast_dtype=autocast_dtype(cfg))
         if ns.output and split == "train":

@@ -54,6 +54,8 @@ class ShiQConfig(TrainingArguments):
     reward_normalization: str = field(default="none", metadata={"help": "'none' or 'zscore' (of sequence returns)"})
     chosen_reward: float = field(default=1.0, metadata={"help": "reward of 'chosen' in preference data"})
     rejected_reward: float = field(default=0.0, metadata={"help": "reward of 'rejected' in preference data"})
+    allow_zero_rewards: bool = field(default=False, metadata={
+        "help": "accept multi-turn data in which no assistant turn has a reward (all rewards 0, on purpose)"})
     ref_cache_dir: str | None = field(default=None, metadata={
         "help": "reference-statistics cache folder (default: $SHIQ_LAB_CACHE/ref_stats)"})
     use_ref_cache: bool = field(default=True, metadata={"help": "read / write the reference-statistics cache"})

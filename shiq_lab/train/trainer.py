@@ -190,7 +190,8 @@ class ShiQTrainer(Trainer):
             return ds
         if not isinstance(ds, Dataset) or not {"input_ids", "action_mask", "token_rewards"} <= set(ds.column_names):
             ds = tokenize_dataset(ds, tokenizer, max_length=args.max_length, truncation=args.truncation,
-                                  add_eos=args.add_eos, preference_rewards=(args.chosen_reward, args.rejected_reward))
+                                  add_eos=args.add_eos, preference_rewards=(args.chosen_reward, args.rejected_reward),
+                                  allow_zero_rewards=args.allow_zero_rewards)
         if args.reward_normalization != "none":
             ds, stats = normalize_rewards(ds, args.reward_normalization,
                                           stats=None if split == "train" else self.reward_stats)
