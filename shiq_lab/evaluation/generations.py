@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from shiq_lab.data.batch import pad_token_id, pad_with_mask
 from shiq_lab.evaluation.sampling import RewardFn, Samples, sample_completions, score_samples
 from shiq_lab.lm.modes import as_reference, device_of, eval_mode
 from shiq_lab.lm.stats import StateLogits, action_positions, token_stats
@@ -44,16 +45,6 @@ class SequenceStats:
     logratio: np.ndarray  # [N] sum over response tokens of ln pi - ln pi_ref at the sampled tokens
     kl_states: np.ndarray  # [N] sum over response states of KL(pi(.|s) || pi_ref(.|s))
     lengths: np.ndarray  # [N] response tokens
-
-
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
 
 
 def _teacher_forced(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, action_mask: torch.Tensor,
@@ -98,7 +89,7 @@ def sequence_stats(
         starts = [len(samples.prompt_ids[i]) for i in rows]
         if min(starts) < 1:
             raise ValueError("a sample has an empty prompt: its first response token has no state to score")
-        ids, mask = _right_pad(seqs, pad_id)
+        ids, mask = pad_with_mask(seqs, pad_id)
         action_mask = torch.zeros_like(mask)
         for b, (s, seq) in enumerate(zip(starts, seqs)):
             action_mask[b, s:len(seq)] = 1
@@ -191,7 +182,7 @@ def evaluate_policy(
     samples = sample_completions(policy, tokenizer, prompts, samples_per_prompt=samples_per_prompt,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device)
     score_samples(samples, reward_fn)
-    stats = sequence_stats(policy, reference, samples, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    stats = sequence_stats(policy, reference, samples, pad_id=pad_token_id(tokenizer), batch_size=batch_size)
     rewards = np.asarray(samples.rewards, dtype=np.float64)
     return PolicyEval(
         reward_mean=float(rewards.mean()), reward_sem=_sem(rewards),

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shiq_lab.data.inspect import Prompt, Response, encode_responses, pad_batch
+from shiq_lab.data.batch import batch_responses, pad_token_id
+from shiq_lab.data.encode import Prompt, Response, encode_responses
 from shiq_lab.lm.modes import device_of, eval_mode
 from shiq_lab.lm.stats import action_positions, token_stats
 from shiq_lab.losses import shiq_loss
@@ -73,7 +74,7 @@ def fit_sft(
 ) -> FitHistory:
     """Maximum likelihood (mean negative log-likelihood of the policy tokens) on the responses, in place."""
     encoded = encode_responses(tokenizer, prompt, responses, add_eos=add_eos)
-    batch = pad_batch(encoded, _pad(tokenizer), device_of(model))
+    batch = batch_responses(encoded, pad_token_id(tokenizer), device_of(model))
     mask = batch.mask.to(torch.float32)
 
     def nll() -> tuple[torch.Tensor, dict]:
@@ -81,10 +82,6 @@ def fit_sft(
         return -(logp * mask).sum() / mask.sum(), {}
 
     return _adamw_loop(model, nll, steps=steps, lr=lr, weight_decay=weight_decay)
-
-
-def _pad(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _logprobs(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +116,7 @@ def fit_shiq(
     encoded = encode_responses(tokenizer, prompt, responses, add_eos=add_eos)
     reward_rows = resolve_rewards(rewards, encoded)
     device = device_of(model)
-    batch = pad_batch(encoded, _pad(tokenizer), device)
+    batch = batch_responses(encoded, pad_token_id(tokenizer), device)
     r = torch.zeros(batch.mask.shape, dtype=torch.float32, device=device)
     for b, (e, rew) in enumerate(zip(encoded, reward_rows)):
         r[b, e.start - 1 : e.start - 1 + e.n_rows] = torch.as_tensor(rew, dtype=torch.float32, device=device)
