@@ -64,10 +64,9 @@ from shiq_lab.lm.value_head import VALUE_HEAD_NAME
 logger = logging.getLogger(__name__)
 
 #: bump when the meaning, the layout or the numerics of stored statistics change: old entries are then
-#: never read. 2: token_stats gathers response states by position (one code path for every caller), so
-#: its floating-point summation differs from version 1's in the last bits; a version-1 entry would break
-#: the exact zero at theta = ref.
-STATS_VERSION = 2
+#: never read (a stale entry would break the exact zero at theta = ref). Still 1 after issue 9: token_stats
+#: now gathers the response states by position instead of a boolean mask, and gives the same bits.
+STATS_VERSION = 1
 #: a staging folder older than this is removed even when its writer's pid cannot be checked (other host)
 STAGING_MAX_AGE_S = 6 * 3600
 
