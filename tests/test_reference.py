@@ -24,7 +24,6 @@ from shiq_lab.reference.cache import (
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(1)
     return load_model("tiny")
 
 

@@ -25,9 +25,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def config(tmp_path, **kw):
