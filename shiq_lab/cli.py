@@ -5,7 +5,8 @@
     shiq-lab train --config configs/tiny_cpu.yaml [--beta 0.2 --loss_type dpo ...]
     shiq-lab precompute-ref --config configs/tiny_cpu.yaml [--output DIR]
     shiq-lab evaluate [...]
-    shiq-lab models fetch NAME [NAME ...]      # also: shiq-lab models list
+    shiq-lab models [list]                     # registered models and whether they are built
+    shiq-lab models fetch NAME [NAME ...]
 
 Every field of the YAML config is also a flag, and a flag overrides the file. The fields are those
 of :class:`RunArguments` (model, data, LoRA) and of :class:`shiq_lab.trainer.ShiQConfig` (all of
@@ -51,12 +52,12 @@ class RunArguments:
     lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names or all-linear"})
 
 
-def _parser(prog: str):
+def _parser(prog: str, parents: list[argparse.ArgumentParser] | None = None):
     from transformers import HfArgumentParser
 
     from .trainer import ShiQConfig
 
-    return HfArgumentParser((RunArguments, ShiQConfig), prog=prog)
+    return HfArgumentParser((RunArguments, ShiQConfig), prog=prog, parents=parents or [])
 
 
 def _field_names() -> set[str]:
@@ -89,6 +90,8 @@ def parse_config(argv: list[str], *, extra: argparse.ArgumentParser | None = Non
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
     extra_ns = argparse.Namespace()
+    if extra is not None and ("-h" in rest or "--help" in rest):
+        _parser(prog, parents=[extra]).parse_args(rest)  # --help: one list of every flag, the extra ones included
     if extra is not None:
         extra_ns, rest = extra.parse_known_args(rest)
     parser = _parser(prog)
@@ -256,13 +259,13 @@ def _models(argv: list[str]) -> int:
     from .models import MODEL_BUILDERS, cache_dir, model_folder
 
     parser = argparse.ArgumentParser(prog="shiq-lab models", description="registered models (built once, offline)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd")
     fetch = sub.add_parser("fetch", help="build / convert a registered model into the local cache")
     fetch.add_argument("names", nargs="+", help=f"one of: {', '.join(MODEL_BUILDERS)}")
     fetch.add_argument("--rebuild", action="store_true")
     sub.add_parser("list", help="registered models and whether they are built")
     args = parser.parse_args(argv)
-    if args.cmd == "list":
+    if args.cmd in (None, "list"):  # `shiq-lab models` alone lists them
         for name in MODEL_BUILDERS:
             built = (cache_dir() / "models" / name / ".complete").exists()
             print(f"{name:16s} {'built' if built else 'not built'}")

@@ -126,7 +126,10 @@ def test_evaluate_delegates_to_the_task_evaluation(monkeypatch):
 
 def test_models_list_and_fetch(capsys):
     assert cli.main(["models", "list"]) == 0
-    assert "tiny" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert "tiny" in listed
+    assert cli.main(["models"]) == 0  # no sub-command: the same list, not a usage error
+    assert capsys.readouterr().out == listed
     assert cli.main(["models", "fetch", "tiny"]) == 0
     assert str(model_folder("tiny")) in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown model 'nope'"):
@@ -144,3 +147,11 @@ def test_shipped_configs_parse_and_name_existing_things():
     module, fn = run.dataset.split(":")
     assert callable(getattr(importlib.import_module(module), fn))
     assert json.loads(run.dataset_kwargs)["model"] == "smollm2-135m"
+
+
+def test_evaluate_offline_help_lists_its_own_flag_and_the_fields(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["evaluate", "--offline", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert out.startswith("usage: shiq-lab evaluate --offline") and "--checkpoint CHECKPOINT" in out and "--beta" in out
