@@ -36,7 +36,8 @@ import pandas as pd
 import torch
 from datasets import Dataset, load_from_disk
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback
+
+from shiq_lab.train.progress import CompactPrinterCallback, SweepProgress, quiet_library_bars
 
 from . import imdb_model  # noqa: F401 -- registers "imdb-small"
 from .cpu import cpu_threads as use_cpu_threads
@@ -141,6 +142,8 @@ class ImdbTaskConfig:
     dtype: str = "float32"
     save_models: bool = True
     seed: int = 0
+    progress: bool = True  # one bar over runs x steps (tqdm.auto: a widget in notebooks)
+    tensorboard: bool = True  # events in each run's folder: tensorboard --logdir runs/
 
     def __post_init__(self) -> None:
         self.loss_types = tuple(self.loss_types)
@@ -207,8 +210,11 @@ def train_run(
     evaluate: Callable[[torch.nn.Module], PolicyEval],
     *,
     log: Callable[[str], None] = print,
+    bar: Any = None,
 ) -> dict[str, Any]:
     """Train one (loss type, beta) from the reference with :class:`~shiq_lab.trainer.ShiQTrainer`.
+
+    ``bar``: a shared progress bar (tqdm) that this run advances by its steps.
 
     Returns ``{"points": [(step, PolicyEval)], "history": trainer log rows, "folder": run folder,
     "seconds": ...}``; writes ``run.json`` (and the final model when ``save_models``) into the folder.
@@ -225,14 +231,17 @@ def train_run(
         per_device_train_batch_size=batch, learning_rate=config.learning_rate,
         lr_scheduler_type=config.lr_scheduler_type, max_steps=config.max_steps,
         reward_normalization=config.reward_normalization, logging_steps=1, save_strategy="no",
-        report_to="none", disable_tqdm=True, seed=config.seed, use_cpu=config.device == "cpu",
+        report_to=["tensorboard"] if config.tensorboard else "none", disable_tqdm=True, seed=config.seed, use_cpu=config.device == "cpu",
         **config.trainer_args,
     )
     callback = FrontierCallback(config.eval_every, evaluate, on_point=lambda s, r: log(
         f"   {loss_type:4s} beta={beta:<5g} step {s:4d}: reward {r.reward_mean:.3f}  KL {r.kl_states_mean:.3f}"))
     start = time.perf_counter()
-    trainer = ShiQTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[callback])
-    trainer.remove_callback(PrinterCallback)  # the per-step dicts: they are in the returned history
+    callbacks: list[TrainerCallback] = [callback]
+    if bar is not None:
+        callbacks.append(SweepProgress(bar, folder.name))
+    trainer = ShiQTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(CompactPrinterCallback)  # the per-step lines: the bar and the history have them
     trainer.train()
     seconds = time.perf_counter() - start
     if config.save_models:
@@ -282,7 +291,7 @@ def run_imdb_task(config: ImdbTaskConfig = ImdbTaskConfig(), *, log: Callable[[s
 
     ``log`` receives one line per step of the pipeline and per frontier point.
     """
-    with use_cpu_threads(config.cpu_threads if config.device == "cpu" else None):
+    with use_cpu_threads(config.cpu_threads if config.device == "cpu" else None), quiet_library_bars():
         return _run(config, log)
 
 
@@ -314,14 +323,29 @@ def _run(config: ImdbTaskConfig, log: Callable[[str], None]) -> ImdbTaskResult:
     rows = [{"label": "reference", "loss_type": "reference", "beta": float("nan"), "step": 0, "path": "",
              **reference_eval.row()}]
     history, final_evals = [], {}
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        n_runs = len(config.loss_types) * len(config.betas)
+        bar = tqdm(total=n_runs * config.max_steps, desc=f"{n_runs} runs x {config.max_steps} steps", unit="step",
+                   dynamic_ncols=True)
+        plain = log
+
+        def log(line: str) -> None:  # above the bar, not through it
+            with tqdm.external_write_mode():
+                plain(line)
+
     for loss_type in config.loss_types:
         for beta in config.betas:
-            run = train_run(config, loss_type, beta, dataset, evaluate, log=log)
+            run = train_run(config, loss_type, beta, dataset, evaluate, log=log, bar=bar)
             for step, result in run["points"]:
                 rows.append({"label": f"{loss_type} beta={beta:g} step={step}", "loss_type": loss_type, "beta": beta,
                              "step": step, "path": str(run["folder"]), **result.row()})
             history += [{"loss_type": loss_type, "beta": beta, **h} for h in run["history"]]
             final_evals[(loss_type, beta)] = run["points"][-1][1]
+    if bar is not None:
+        bar.close()
     frontier = pd.DataFrame(rows)[FRONTIER_COLUMNS]
     frontier["pareto"] = pareto_mask(frontier, by=None)
     paths = save_frontier(frontier, out / "frontier")
@@ -351,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shiq_lab.imdb_task", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=None, help="YAML file of ImdbTaskConfig fields (flags override it)")
+    parser.add_argument("--results", default=None, help="also write the README's results file here "
+                        "(benchmarks/results/imdb_*.json; shiq_lab.tasks.imdb.report)")
     for name in fields:
         parser.add_argument(f"--{name}", default=None, help="YAML value (lists: '[0.03, 0.1]')")
     args = parser.parse_args(argv)
@@ -364,12 +390,22 @@ def main(argv: list[str] | None = None) -> int:
         flag = getattr(args, name)
         if flag is not None:
             values[name] = yaml.safe_load(flag)
+    cpu0 = time.process_time()
     result = run_imdb_task(ImdbTaskConfig(**values))
+    if args.results:
+        import shlex
+
+        from shiq_lab.tasks.imdb.report import write_results
+
+        argv_used = list(sys.argv[1:] if argv is None else argv)
+        write_results(result, args.results, command=shlex.join(["python", "-m", "shiq_lab.imdb_task", *argv_used]),
+                      cpu_seconds=time.process_time() - cpu0)
     table = result.frontier.drop(columns=["path", "label"])
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(json.dumps(result.summary(), indent=1))
     print(f"frontier: {result.paths['csv']}  plot: {result.paths.get('html', '')}")
+    print(f"training curves: tensorboard --logdir {result.config.output_dir}")
     return 0
 
 

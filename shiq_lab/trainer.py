@@ -223,6 +223,9 @@ class ShiQTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self._logits_mode = self._pick_logits_mode()
+        from shiq_lab.train.progress import install as _compact_logging
+
+        _compact_logging(self)  # one short line per logging step; TensorBoard events in output_dir
         # transformers < 5.2x has no loss_is_scaled_for_ga: it reads this flag to decide that the loss is
         # already normalised over the accumulated batch (compute_loss below does that for every model)
         self.model_accepts_loss_kwargs = True
