@@ -306,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"shiq-lab: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return COMMANDS[cmd][0](rest)
+    from shiq_lab.train.progress import quiet_library_bars
+
+    with quiet_library_bars():  # the training bar and its log lines, not one bar per dataset map or model save
+        return COMMANDS[cmd][0](rest)
 
 
 if __name__ == "__main__":
