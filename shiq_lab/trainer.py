@@ -132,6 +132,10 @@ class ShiQConfig(TrainingArguments):
             else "gradient_checkpointing_kwargs"
         if getattr(self, name) is None and getattr(self, "gradient_checkpointing_kwargs", None) is None:
             setattr(self, name, {"use_reentrant": False})
+        # every parameter of a causal LM (and of the DRO value head) gets a gradient in every step: DDP's
+        # search for unused ones only costs a graph traversal and warns at each step that it found none
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
         super().__post_init__()
 
 
@@ -432,6 +436,18 @@ class ShiQTrainer(Trainer):
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             logs = {**logs, **self._metrics("train")}
         super().log(logs, start_time)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied output layer (lm_head.weight is embed_tokens.weight) is not in the checkpoint: loading the
+        # embeddings loads it too, so it is not a missing key (transformers warned on every resume)
+        missing = list(getattr(load_result, "missing_keys", []) or [])
+        if missing:
+            by_storage: dict[int, list[str]] = {}
+            for name, param in _unwrap(self.model).named_parameters(remove_duplicate=False):
+                by_storage.setdefault(param.data_ptr(), []).append(name)
+            tied = {n for names in by_storage.values() if len(names) > 1 for n in names}
+            load_result = load_result._replace(missing_keys=[k for k in missing if k not in tied])
+        super()._issue_warnings_after_load(load_result)
 
     def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> torch.Tensor:
         if self._last_log_time is None:
