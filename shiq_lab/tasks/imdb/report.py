@@ -34,6 +34,7 @@ def results_record(result: Any, *, command: str, cpu_seconds: float) -> dict[str
     frontier = [{k: _clean(row[k]) for k in _FRONTIER_KEYS} for _, row in result.frontier.iterrows()]
     classifier = {k: _clean(v) for k, v in result.classifier_meta.items() if k != "config"}
     return {
+        "reference_model": _reference_model_meta(result.config.model),
         "command": command,
         "config": result.config.to_dict(),
         "n_offline_responses": len(result.dataset),
@@ -42,6 +43,19 @@ def results_record(result: Any, *, command: str, cpu_seconds: float) -> dict[str
         "classifier": classifier,
         "frontier": frontier,
     }
+
+
+def _reference_model_meta(name: str) -> dict[str, Any]:
+    """Size, held-out loss and build time of a model built here (``pretrain.json``), else its name only."""
+    from shiq_lab.models import MODEL_BUILDERS, model_folder
+
+    meta: dict[str, Any] = {"name": name}
+    if name in MODEL_BUILDERS:
+        report = model_folder(name) / "pretrain.json"
+        if report.exists():
+            data = json.loads(report.read_text())
+            meta.update({k: _clean(data[k]) for k in ("heldout_loss", "n_parameters", "seconds") if k in data})
+    return meta
 
 
 def write_results(result: Any, path: str | Path, *, command: str, cpu_seconds: float) -> Path:
@@ -122,6 +136,8 @@ def readme_mid(root: Path, kl_max: float = 4.0) -> str:
     low = sorted((r for r in runs if r["kl_states_mean"] < kl_max), key=lambda r: -r["reward_mean"])
     best = low[0] if low else None
     lines = [f"Mid-scale CPU run: {_setting(data)}", "", _table(data), ""]
+    dpo = sorted((r for r in runs if r["loss_type"] == "dpo" and r["beta"] == min(data["config"]["betas"])),
+                 key=lambda r: r["step"])
     if best is not None:
         other = next((r for r in low if r["loss_type"] != best["loss_type"]), None)
         text = (f"Below KL {kl_max:g} the most rewarded point is {_NAMES[best['loss_type']]}'s: {best['reward_mean']:.3f} "
@@ -132,14 +148,32 @@ def readme_mid(root: Path, kl_max: float = 4.0) -> str:
         top = max(runs, key=lambda r: r["reward_mean"])
         text += (f". The highest reward of the sweep is {_NAMES[top['loss_type']]}'s {top['reward_mean']:.3f}, at KL "
                  f"{top['kl_states_mean']:.2f} (beta {top['beta']:g}, step {top['step']}).")
+        if dpo:
+            kls = ", ".join(f"{r['kl_states_mean']:.1f}" for r in dpo)
+            steps = ", ".join(str(r["step"]) for r in dpo)
+            text += f" DPO at beta {dpo[0]['beta']:g} is at KL {kls} at steps {steps}."
         lines.append(text)
     return "\n".join(lines)
 
 
 def readme_pieces(root: Path) -> str:
-    """The classifier's held-out accuracy, as measured when the committed sweep built it."""
-    c = _load(root, "tiny")["classifier"]
-    return (f"Held-out accuracy of the classifier ({c['n_test_reviews']:,} test reviews never seen in training, "
+    """The table of locally built pieces and the classifier's held-out accuracy, as the committed sweep built them."""
+    data = _load(root, "tiny")
+    c, m = data["classifier"], data.get("reference_model", {})
+    n_reviews = c["n_train_reviews"] + c["n_test_reviews"]
+    lm = (f"{m['n_parameters'] / 1e6:.1f}M-parameter Llama-shaped LM + 2048-token BPE, pretrained on train reviews "
+          f"(held-out loss {m['heldout_loss']:.2f} nats/token)") if "n_parameters" in m else "small Llama-shaped LM"
+    rows = [
+        "| piece | module | what it is | build time (one CPU core) |", "|---|---|---|---|",
+        f"| split and prompts | `shiq_lab.imdb` | {n_reviews:,} de-duplicated IMDB reviews, fixed 80/20 split (seed 0) "
+        "| seconds |",
+        "| reward model | `shiq_lab.reward_model` | logistic regression on hashed word 1-2-grams, mean-bag score, trained "
+        f"on reviews and 8-48-word windows of them | {c['seconds']:.0f} s |",
+        f"| `imdb-small` | `shiq_lab.imdb_model` | {lm} | {m.get('seconds', float('nan')):.0f} s |",
+        "| offline data | `shiq_lab.imdb_task.offline_dataset` | 4 continuations of 16 tokens per train prompt, with "
+        "rewards, exact token ids | seconds |",
+    ]
+    return "\n".join(rows) + "\n\n" + (f"Held-out accuracy of the classifier ({c['n_test_reviews']:,} test reviews never seen in training, "
             f"{c['n_train_reviews']:,} train reviews): **{c['accuracy_test']:.3f}** on full reviews, "
             f"{c['accuracy_test_windows']:.3f} on random 8-48-word windows of them (the length of a continuation), "
             f"{c['accuracy_rotten_tomatoes']:.3f} on Rotten Tomatoes one-liners (another site, out of domain).")
