@@ -8,15 +8,21 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from shiq_lab.models import load_model
-from shiq_lab.train.progress import (CompactPrinterCallback, CompactProgressCallback, SweepProgress, format_logs,
-                                     install)
+from shiq_lab.train.progress import (
+    CompactPrinterCallback,
+    CompactProgressCallback,
+    SweepProgress,
+    format_logs,
+    install,
+)
 
 
 def test_format_logs_is_one_short_line_of_the_metrics_that_matter():
     logs = {"loss": 0.69314718, "kl": 0.0, "learning_rate": 1e-3, "grad_norm": 14.0512, "epoch": 0.1,
             "tokens_per_second": 1278.4, "total_flos": 12345.0, "value_first_mean": 0.5}
     assert format_logs(logs, 3, 40) == "step 3/40  loss 0.6931  kl 0  |g| 14.05  lr 0.001  tok/s 1278"
-    assert format_logs({"eval_loss": 2.5e-5, "eval_kl": 123456.0}, 10) == "step 10  eval_loss 2.50e-05  eval_kl 1.23e+05"
+    assert format_logs({"eval_loss": 2.5e-5, "eval_kl": 123456.0}, 10) == \
+        "step 10  eval_loss 2.50e-05  eval_kl 1.23e+05"
     assert format_logs({"train_runtime": 14.04, "train_loss": 0.4}, 30, 30) == "step 30/30  done in 14.0 s"
 
 

@@ -6,8 +6,8 @@
 - no news or update toast: ``news_url=None``, no update check, and the notification settings in
   ``configs/jupyterlab/overrides.json`` (the app settings folder, so the user's own settings stay);
 - :class:`StrippingContentsManager`: a notebook saved in ``notebooks/`` is written there without
-  outputs (:mod:`shiq_lab.infra.strip_notebook`) and in full to ``runs/lab/`` (ignored; ``$SHIQ_LAB_RUNS/lab``); opening it
-  again shows the full copy while its cells still match. Running the notebooks never changes a
+  outputs (:mod:`shiq_lab.infra.strip_notebook`) and in full to ``runs/lab/`` (ignored; ``$SHIQ_LAB_RUNS/lab``);
+  opening it again shows the full copy while its cells still match. Running the notebooks never changes a
   tracked file, and the outputs survive a reload.
 """
 

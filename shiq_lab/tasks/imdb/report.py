@@ -122,9 +122,11 @@ def readme_tiny(root: Path) -> str:
                 < final[(lt, min(data["config"]["betas"]))]["kl_states_mean"] for lt in data["config"]["loss_types"])
     return "\n".join([
         f"Notebook default (CI): {_setting(data)}", "", _table(data), "",
-        f"What the notebook asserts: classifier held-out accuracy > 0.88 (here {data['classifier']['accuracy_test']:.3f}); "
+        "What the notebook asserts: classifier held-out accuracy > 0.88 "
+        f"(here {data['classifier']['accuracy_test']:.3f}); "
         "reference KL exactly 0; per-state KL >= 0 and the sampled log-ratio within 5 s.e. of it; for every loss, "
-        f"the final KL at the larger beta below the one at the smaller ({'holds' if lower else 'FAILS'} here); the final "
+        f"the final KL at the larger beta below the one at the smaller ({'holds' if lower else 'FAILS'} here); "
+        "the final "
         f"policies' mean reward ({mean_final:.3f}) above the reference's ({ref:.3f}) by > 0.02.",
     ])
 
@@ -140,10 +142,12 @@ def readme_mid(root: Path, kl_max: float = 4.0) -> str:
                  key=lambda r: r["step"])
     if best is not None:
         other = next((r for r in low if r["loss_type"] != best["loss_type"]), None)
-        text = (f"Below KL {kl_max:g} the most rewarded point is {_NAMES[best['loss_type']]}'s: {best['reward_mean']:.3f} "
+        text = (f"Below KL {kl_max:g} the most rewarded point is {_NAMES[best['loss_type']]}'s: "
+                f"{best['reward_mean']:.3f} "
                 f"at KL {best['kl_states_mean']:.2f} (beta {best['beta']:g}, step {best['step']})")
         if other is not None:
-            text += (f"; the best other method there is {_NAMES[other['loss_type']]} with {other['reward_mean']:.3f} at KL "
+            text += (f"; the best other method there is {_NAMES[other['loss_type']]} with "
+                     f"{other['reward_mean']:.3f} at KL "
                      f"{other['kl_states_mean']:.2f} (beta {other['beta']:g}, step {other['step']})")
         top = max(runs, key=lambda r: r["reward_mean"])
         text += (f". The highest reward of the sweep is {_NAMES[top['loss_type']]}'s {top['reward_mean']:.3f}, at KL "
@@ -167,13 +171,15 @@ def readme_pieces(root: Path) -> str:
         "| piece | module | what it is | build time (one CPU core) |", "|---|---|---|---|",
         f"| split and prompts | `shiq_lab.imdb` | {n_reviews:,} de-duplicated IMDB reviews, fixed 80/20 split (seed 0) "
         "| seconds |",
-        "| reward model | `shiq_lab.reward_model` | logistic regression on hashed word 1-2-grams, mean-bag score, trained "
+        "| reward model | `shiq_lab.reward_model` | logistic regression on hashed word 1-2-grams, mean-bag score, "
+        "trained "
         f"on reviews and 8-48-word windows of them | {c['seconds']:.0f} s |",
         f"| `imdb-small` | `shiq_lab.imdb_model` | {lm} | {m.get('seconds', float('nan')):.0f} s |",
         "| offline data | `shiq_lab.imdb_task.offline_dataset` | 4 continuations of 16 tokens per train prompt, with "
         "rewards, exact token ids | seconds |",
     ]
-    return "\n".join(rows) + "\n\n" + (f"Held-out accuracy of the classifier ({c['n_test_reviews']:,} test reviews never seen in training, "
+    return "\n".join(rows) + "\n\n" + (
+            f"Held-out accuracy of the classifier ({c['n_test_reviews']:,} test reviews never seen in training, "
             f"{c['n_train_reviews']:,} train reviews): **{c['accuracy_test']:.3f}** on full reviews, "
             f"{c['accuracy_test_windows']:.3f} on random 8-48-word windows of them (the length of a continuation), "
             f"{c['accuracy_rotten_tomatoes']:.3f} on Rotten Tomatoes one-liners (another site, out of domain).")
