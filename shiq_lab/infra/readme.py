@@ -29,10 +29,10 @@ __all__ = ["SECTIONS", "ROOT", "render", "find_blocks", "update", "main"]
 ROOT = Path(__file__).resolve().parents[2]
 
 SECTIONS: dict[str, str] = {
-    "synthetic-run": "shiq_lab.bench.report:readme_run",
-    "synthetic-headline": "shiq_lab.bench.report:readme_headline",
-    "synthetic-efficiency": "shiq_lab.bench.report:readme_efficiency",
-    "synthetic-findings": "shiq_lab.bench.report:readme_findings",
+    "synthetic-run": "shiq_lab.tasks.synthetic.report:readme_run",
+    "synthetic-headline": "shiq_lab.tasks.synthetic.report:readme_headline",
+    "synthetic-efficiency": "shiq_lab.tasks.synthetic.report:readme_efficiency",
+    "synthetic-findings": "shiq_lab.tasks.synthetic.report:readme_findings",
     "imdb-pieces": "shiq_lab.tasks.imdb.report:readme_pieces",
     "imdb-tiny": "shiq_lab.tasks.imdb.report:readme_tiny",
     "imdb-mid": "shiq_lab.tasks.imdb.report:readme_mid",

@@ -1,6 +1,6 @@
 """Committed results of the IMDB sweep and the README blocks rendered from them.
 
-``python -m shiq_lab.imdb_task --config configs/imdb_sweep_tiny.yaml --results benchmarks/results/imdb_sweep_tiny.json``
+``python -m shiq_lab.tasks.imdb.sweep --config configs/sweep/imdb_sweep_tiny.yaml --results benchmarks/results/imdb_sweep_tiny.json``
 writes the results file (:func:`write_results`); :func:`readme_tiny`, :func:`readme_mid` and
 :func:`readme_pieces` render the README's tables from it (:mod:`shiq_lab.infra.readme`).
 """
@@ -30,13 +30,16 @@ def _clean(value: Any) -> Any:
 
 
 def results_record(result: Any, *, command: str, cpu_seconds: float) -> dict[str, Any]:
-    """What the README needs from an :class:`~shiq_lab.imdb_task.ImdbTaskResult`, as a JSON-ready dict."""
+    """What the README needs from an :class:`~shiq_lab.tasks.imdb.sweep.ImdbTaskResult`, as a JSON-ready dict."""
     frontier = [{k: _clean(row[k]) for k in _FRONTIER_KEYS} for _, row in result.frontier.iterrows()]
     classifier = {k: _clean(v) for k, v in result.classifier_meta.items() if k != "config"}
     return {
         "reference_model": _reference_model_meta(result.config.model),
         "command": command,
-        "config": result.config.to_dict(),
+        # the task's fields and the training fields the tables name (batch_size: responses per step, every loss)
+        "config": {**result.config.to_dict(), "max_steps": result.training.max_steps,
+                   "batch_size": result.training.per_device_train_batch_size,
+                   "learning_rate": result.training.learning_rate, "seed": result.training.seed},
         "n_offline_responses": len(result.dataset),
         "wall_seconds": round(result.seconds, 1),
         "cpu_seconds": round(cpu_seconds, 1),
@@ -47,7 +50,7 @@ def results_record(result: Any, *, command: str, cpu_seconds: float) -> dict[str
 
 def _reference_model_meta(name: str) -> dict[str, Any]:
     """Size, held-out loss and build time of a model built here (``pretrain.json``), else its name only."""
-    from shiq_lab.models import MODEL_BUILDERS, model_folder
+    from shiq_lab.infra.models import MODEL_BUILDERS, model_folder
 
     meta: dict[str, Any] = {"name": name}
     if name in MODEL_BUILDERS:
@@ -169,13 +172,13 @@ def readme_pieces(root: Path) -> str:
           f"(held-out loss {m['heldout_loss']:.2f} nats/token)") if "n_parameters" in m else "small Llama-shaped LM"
     rows = [
         "| piece | module | what it is | build time (one CPU core) |", "|---|---|---|---|",
-        f"| split and prompts | `shiq_lab.imdb` | {n_reviews:,} de-duplicated IMDB reviews, fixed 80/20 split (seed 0) "
+        f"| split and prompts | `shiq_lab.tasks.imdb.reviews` | {n_reviews:,} de-duplicated IMDB reviews, fixed 80/20 split (seed 0) "
         "| seconds |",
-        "| reward model | `shiq_lab.reward_model` | logistic regression on hashed word 1-2-grams, mean-bag score, "
+        "| reward model | `shiq_lab.tasks.imdb.reward` | logistic regression on hashed word 1-2-grams, mean-bag score, "
         "trained "
         f"on reviews and 8-48-word windows of them | {c['seconds']:.0f} s |",
-        f"| `imdb-small` | `shiq_lab.imdb_model` | {lm} | {m.get('seconds', float('nan')):.0f} s |",
-        "| offline data | `shiq_lab.imdb_task.offline_dataset` | 4 continuations of 16 tokens per train prompt, with "
+        f"| `imdb-small` | `shiq_lab.tasks.imdb.lm` | {lm} | {m.get('seconds', float('nan')):.0f} s |",
+        "| offline data | `shiq_lab.tasks.imdb.sweep.offline_dataset` | 4 continuations of 16 tokens per train prompt, with "
         "rewards, exact token ids | seconds |",
     ]
     return "\n".join(rows) + "\n\n" + (
