@@ -32,14 +32,14 @@ def _run(args: list[str], **env: str) -> None:
 @pytest.mark.parametrize("hashseed", ["12345"])
 def test_synthetic_data_outside_make_rewrites_the_tracked_files_byte_for_byte(hashseed):
     before = _state()
-    _run(["-m", "shiq_lab.bench", "synthetic-data"], PYTHONHASHSEED=hashseed)
+    _run(["-m", "shiq_lab.tasks.synthetic", "synthetic-data"], PYTHONHASHSEED=hashseed)
     assert _state() == before
 
 
 @pytest.mark.notebook
 def test_running_a_notebook_with_the_runner_writes_only_ignored_files(tmp_path):
     before = _state()
-    _run(["-c", "from shiq_lab.notebook_runner import list_notebooks, run_notebook; run_notebook(list_notebooks()[0])"],
+    _run(["-c", "from shiq_lab.infra.notebook_runner import list_notebooks, run_notebook; run_notebook(list_notebooks()[0])"],
          OMP_NUM_THREADS="1")
     assert _state() == before
     assert (ROOT / "runs" / "notebooks" / "01_bellman_derivation.ipynb").exists()

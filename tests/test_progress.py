@@ -7,7 +7,7 @@ import pytest
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from shiq_lab.models import load_model
+from shiq_lab.infra.models import load_model
 from shiq_lab.train.progress import (
     CompactPrinterCallback,
     CompactProgressCallback,
@@ -69,7 +69,7 @@ def test_sweep_progress_advances_the_shared_bar_by_each_runs_steps():
 def test_the_demo_runs_each_notebook_with_a_bar_over_its_cells(monkeypatch, tmp_path):
     import papermill
 
-    from shiq_lab import demo, notebook_runner
+    from shiq_lab.infra import demo, notebook_runner
 
     seen = []
     monkeypatch.setattr(papermill, "execute_notebook", lambda src, dst, **kw: seen.append((Path(src).stem, kw)))

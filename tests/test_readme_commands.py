@@ -7,7 +7,6 @@ command, and never evaluates a run folder before a command that creates it.
 """
 
 import ast
-import dataclasses
 import importlib.util
 import json
 import re
@@ -60,6 +59,8 @@ def _check_config_flags(words: list[str], problems: list[str], cmd: str) -> None
 
 def _check(cmd: str, problems: list[str]) -> None:
     from shiq_lab import cli
+    from shiq_lab.infra.config import _field_names
+    from shiq_lab.train.config import ShiQConfig
 
     words = shlex.split(cmd)
     words = [w for w in words if not (w.startswith("[") or w.endswith("]"))]  # optional parts: [--quick]
@@ -75,14 +76,17 @@ def _check(cmd: str, problems: list[str]) -> None:
         pass
     elif tool == "shiq-lab":
         sub = words[1]
-        if sub not in cli.COMMANDS:
+        if sub not in cli._commands():
             problems.append(f"{cmd!r}: shiq-lab has no sub-command {sub!r}")
         elif sub in ("train", "precompute-ref"):
-            unknown = sorted(set(_flags(words[2:])) - cli._field_names() - {"config", "output", "any_field"})
+            fields = set(_field_names((cli.RunArguments, ShiQConfig)))
+            unknown = sorted(set(_flags(words[2:])) - fields - {"config", "output", "any_field"})
             if unknown:
                 problems.append(f"{cmd!r}: unknown flag(s) {unknown}")
         elif sub == "models" and len(words) > 2 and words[2] == "fetch":
-            from shiq_lab.models import MODEL_BUILDERS
+            from shiq_lab.infra.models import MODEL_BUILDERS, registered_models
+
+            registered_models()
 
             unknown = [n for n in words[3:] if n not in MODEL_BUILDERS and n not in ("|", "tiny", "imdb-small")]
             if unknown:
@@ -94,17 +98,17 @@ def _check(cmd: str, problems: list[str]) -> None:
         module = words[words.index("-m") + 1]
         if importlib.util.find_spec(module) is None:
             problems.append(f"{cmd!r}: no module {module}")
-        if module == "shiq_lab.imdb_task":
-            from shiq_lab.imdb_task import ImdbTaskConfig
+        if module == "shiq_lab.tasks.imdb.sweep":
+            from shiq_lab.tasks.imdb.sweep import ImdbTaskConfig
 
-            fields = {f.name for f in dataclasses.fields(ImdbTaskConfig)} | {"config", "results"}
+            fields = set(_field_names((ImdbTaskConfig, ShiQConfig))) | {"config", "results"}
             unknown = sorted(set(_flags(words)) - fields)
             if unknown:
                 problems.append(f"{cmd!r}: ImdbTaskConfig has no field(s) {unknown}")
-        if module == "shiq_lab.bench":
+        if module == "shiq_lab.tasks.synthetic":
             sub = words[words.index("-m") + 2]
             if sub not in ("synthetic", "synthetic-data"):
-                problems.append(f"{cmd!r}: python -m shiq_lab.bench has no sub-command {sub!r}")
+                problems.append(f"{cmd!r}: python -m shiq_lab.tasks.synthetic has no sub-command {sub!r}")
     elif tool == "papermill":
         notebook, params = ROOT / words[1], [words[i + 1] for i, w in enumerate(words) if w == "-p"]
         if not notebook.exists():
@@ -155,9 +159,9 @@ def test_no_command_evaluates_a_run_folder_before_one_creates_it():
 
 @pytest.mark.parametrize("bad, message", [
     ("make nonsense", "no make target"),
-    ("shiq-lab trian --config configs/tiny_cpu.yaml", "no sub-command"),
+    ("shiq-lab trian --config configs/train/tiny_cpu.yaml", "no sub-command"),
     ("shiq-lab train --config configs/missing.yaml", "does not exist"),
-    ("shiq-lab train --config configs/tiny_cpu.yaml --betta 0.1", "unknown flag"),
+    ("shiq-lab train --config configs/train/tiny_cpu.yaml --betta 0.1", "unknown flag"),
     ("python -m shiq_lab.nothing", "no module"),
     ("papermill notebooks/04_finetune.ipynb out.ipynb -p stepz 3", "no parameter"),
     ("curl http://example.com", "unknown tool"),

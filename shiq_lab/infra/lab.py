@@ -49,7 +49,7 @@ class StrippingContentsManager(AsyncLargeFileManager):
                           encoding="utf-8")
         return await super().save({**model, "content": strip(model["content"])}, path)
 
-    async def get(self, path: str, content: bool = True, type: str | None = None, format: str | None = None,  # noqa: A002
+    async def get(self, path: str, content: bool = True, type: str | None = None, format: str | None = None,
                   require_hash: bool = False) -> dict[str, Any]:
         model = await super().get(path, content=content, type=type, format=format, require_hash=require_hash)
         shadow = _shadow(path)

@@ -21,8 +21,8 @@ import argparse
 import importlib
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 __all__ = ["SECTIONS", "ROOT", "render", "find_blocks", "update", "main"]
 

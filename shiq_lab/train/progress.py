@@ -105,7 +105,7 @@ class quiet_library_bars:
     A sweep loads and saves models and maps datasets once per run; those bars would bury its own.
     """
 
-    def __enter__(self) -> "quiet_library_bars":
+    def __enter__(self) -> quiet_library_bars:
         import datasets.utils.logging as dlog
         import transformers.utils.logging as tlog
 

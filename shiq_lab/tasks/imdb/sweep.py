@@ -124,6 +124,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "logging_steps": 1,
     "save_strategy": "no",
     "report_to": ["tensorboard"],  # events in each run's folder: tensorboard --logdir runs/
+    "seed": 0,  # the task's seed (TrainingArguments' default is 42): offline data, eval prompts (seed + 1), init
     "disable_tqdm": True,  # the sweep's own bar (ImdbTaskConfig.progress) counts the steps of every run
 }
 #: names of the flat config of release 0.1 (one release of support): old name -> ShiQConfig field
