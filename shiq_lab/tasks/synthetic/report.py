@@ -347,7 +347,10 @@ def readme_findings(root) -> str:
     rows = _rows(results)
     tasks, params, behaviours = cfg["tasks"], cfg["parameterisations"], cfg["behaviours"]
     k = key_numbers(results)
-    head = lambda p, m, b: _over_tasks(results, p, m, b, "normalised_return")[0]  # noqa: E731
+    def head(p: str, m: str, b: str) -> float:  # task-averaged final normalised return; -inf if a run diverged
+        mean = _over_tasks(results, p, m, b, "normalised_return")[0]
+        return -math.inf if mean is None else mean
+
     calib = [rows[(p, t, m, b)]["calibration_residual_mean"] for p in params for t in tasks for m in ("naive", "scoring")
              for b in behaviours]
     off = ("uniform", "mix")
