@@ -53,6 +53,10 @@ def _checkpoint_meta(folder: Path) -> dict[str, Any]:
         meta.setdefault("step", int(json.loads(state.read_text()).get("global_step", -1)))
     elif folder.name.startswith("checkpoint-") and folder.name.split("-")[-1].isdigit():
         meta.setdefault("step", int(folder.name.split("-")[-1]))
+    elif (folder / "log_history.json").exists():  # a final model of `shiq-lab train`: its last logged step
+        steps = [row.get("step", -1) for row in json.loads((folder / "log_history.json").read_text())]
+        if steps:
+            meta.setdefault("step", int(max(steps)))
     args_file = folder / "training_args.bin"
     if ("loss_type" not in meta or "beta" not in meta) and args_file.exists():
         try:  # a pickle the user's own Trainer wrote (the format transformers itself reloads on resume)
@@ -79,7 +83,9 @@ def find_checkpoints(run_dir: str | Path) -> list[CheckpointSpec]:
                                     beta=float(meta.get("beta", float("nan"))), step=int(meta.get("step", -1))))
     if not specs:
         raise FileNotFoundError(f"no model folder (config.json + weights) below {root}")
-    return specs
+    # a final model saved at the step of a checkpoint is that checkpoint: list it once, as the checkpoint
+    paths = {Path(s.path) for s in specs}
+    return [s for s in specs if Path(s.path) / f"checkpoint-{s.step}" not in paths]
 
 
 def _reference_row(result: PolicyEval) -> dict[str, Any]:

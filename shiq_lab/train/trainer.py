@@ -178,6 +178,9 @@ class ShiQTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self._logits_mode = self._pick_logits_mode()
+        from shiq_lab.train.progress import install as _compact_logging
+
+        _compact_logging(self)  # one short line per logging step; TensorBoard events in output_dir
         # transformers < 5.2x has no loss_is_scaled_for_ga: it reads this flag to decide that the loss is
         # already normalised over the accumulated batch (compute_loss below does that for every model)
         self.model_accepts_loss_kwargs = True
@@ -410,6 +413,18 @@ class ShiQTrainer(Trainer):
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             logs = {**logs, **self._metrics("train")}
         super().log(logs, start_time)
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied output layer (lm_head.weight is embed_tokens.weight) is not in the checkpoint: loading the
+        # embeddings loads it too, so it is not a missing key (transformers warned on every resume)
+        missing = list(getattr(load_result, "missing_keys", []) or [])
+        if missing:
+            by_storage: dict[int, list[str]] = {}
+            for name, param in _unwrap(self.model).named_parameters(remove_duplicate=False):
+                by_storage.setdefault(param.data_ptr(), []).append(name)
+            tied = {n for names in by_storage.values() if len(names) > 1 for n in names}
+            load_result = load_result._replace(missing_keys=[k for k in missing if k not in tied])
+        super()._issue_warnings_after_load(load_result)
 
     def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> torch.Tensor:
         if self._last_log_time is None:
