@@ -138,7 +138,7 @@ def test_save_and_plot_frontier(tmp_path):
 
 
 def test_find_checkpoints_reads_run_json_and_steps(tmp_path, tiny):
-    model, tok = tiny
+    model, _tok = tiny
     run = tmp_path / "shiq-beta0.1"
     for sub in ("checkpoint-10", "final"):
         model.save_pretrained(run / sub)

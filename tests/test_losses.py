@@ -463,7 +463,7 @@ def test_token_logprobs_rejects_bad_inputs() -> None:
         token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="actions shape"):
         token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="torch.long"):
+    with pytest.raises(TypeError, match=r"torch\.long"):
         token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 3))
 
 

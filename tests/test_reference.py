@@ -115,7 +115,7 @@ def test_explicit_stats_must_match_dataset_and_model(tiny, data, tmp_path):
     ok = precompute_reference(model, data, stats_path=entry)
     assert ok["ref_logp"] == precompute_reference(model, data, use_cache=False)["ref_logp"]
     other = tokenize_dataset(synthetic_dataset(6, seed=5), tok, max_length=48)
-    with pytest.raises(StaleReferenceCacheError, match="another dataset or tokenisation.*shiq-lab precompute-ref"):
+    with pytest.raises(StaleReferenceCacheError, match=r"another dataset or tokenisation.*shiq-lab precompute-ref"):
         precompute_reference(model, other, stats_path=entry)
     perturbed = copy.deepcopy(model)
     with torch.no_grad():

@@ -169,7 +169,7 @@ def plot_frontier(frame: pd.DataFrame, *, kl: str = "kl_states_mean", title: str
     ref = frame[frame["loss_type"] == "reference"]
     runs = frame[frame["loss_type"] != "reference"]
     betas = sorted(b for b in runs["beta"].unique() if not pd.isna(b))
-    colours = {lt: c for lt, c in zip(sorted(runs["loss_type"].unique()), _palette())}
+    colours = dict(zip(sorted(runs["loss_type"].unique()), _palette()))
     for (loss_type, beta), g in runs.groupby(["loss_type", "beta"], dropna=False):
         g = g.sort_values("step")
         if len(ref):

@@ -64,6 +64,7 @@ from transformers import Trainer, TrainingArguments
 from shiq_lab.data.batch import ShiQCollator, group_by_prompt
 from shiq_lab.data.encode import tokenize_dataset
 from shiq_lab.data.rewards import normalize_rewards
+from shiq_lab.lm.modes import unwrap
 from shiq_lab.lm.stats import action_positions, causal_lm_parts, resolve_logits_mode, token_stats
 from shiq_lab.lm.value_head import (
     VALUE_HEAD_FILE,
@@ -420,7 +421,7 @@ class ShiQTrainer(Trainer):
         missing = list(getattr(load_result, "missing_keys", []) or [])
         if missing:
             by_storage: dict[int, list[str]] = {}
-            for name, param in _unwrap(self.model).named_parameters(remove_duplicate=False):
+            for name, param in unwrap(self.model).named_parameters(remove_duplicate=False):
                 by_storage.setdefault(param.data_ptr(), []).append(name)
             tied = {n for names in by_storage.values() if len(names) > 1 for n in names}
             load_result = load_result._replace(missing_keys=[k for k in missing if k not in tied])
