@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from benchmarks.common import RESULTS_DIR, machine_info
-from shiq_lab.tasks.imdb.report import results_record, write_results
+from shiq_lab.tasks.imdb.smollm2_report import results_record, write_results
 from shiq_lab.tasks.imdb.sweep import run_imdb_task, split_config
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "sweep" / "imdb_smollm2_cpu.yaml"

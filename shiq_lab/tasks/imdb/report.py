@@ -1,19 +1,8 @@
-"""Results of the IMDB sweep on a real LLM: one JSON file, its markdown, the HTML frontier, the README block.
+"""Committed results of the IMDB sweep and the README blocks rendered from them.
 
-:func:`results_record` turns a :class:`~shiq_lab.imdb_task.ImdbTaskResult` into a plain record
-(every number rounded, so the files are byte-deterministic for the same run), :func:`write_results`
-writes ``<name>.json`` / ``.md`` / ``.html``, and :func:`readme_section` renders the README block
-from the committed JSON alone. The derived comparisons are computed from the record, never stored
-twice:
-
-- **gain in standard errors**: ``(reward - reward_ref) / sqrt(sem^2 + sem_ref^2)``. Policy and
-  reference are sampled with the same seed and prompts, so this independent-errors s.e. is
-  conservative.
-- **reward at matched KL**: the best mean reward among a run type's evaluated points (every beta,
-  every checkpoint) whose per-state KL is at most K. A best-of-several is optimistic by selection;
-  the final-step table next to it is not.
-- **data efficiency**: responses seen (``step x batch_size``, one pass over the offline data) at
-  the first checkpoint that reaches the target reward, the best over betas.
+``python -m shiq_lab.tasks.imdb.sweep --config configs/sweep/imdb_sweep_tiny.yaml --results benchmarks/results/imdb_sweep_tiny.json``
+writes the results file (:func:`write_results`); :func:`readme_tiny`, :func:`readme_mid` and
+:func:`readme_pieces` render the README's tables from it (:mod:`shiq_lab.infra.readme`).
 """
 
 from __future__ import annotations
@@ -23,289 +12,177 @@ import math
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RUN_LABELS", "results_record", "write_results", "render_markdown", "readme_section", "gain_se",
-           "best_at_kl", "responses_to_target", "final_points"]
+__all__ = ["RESULTS", "results_record", "write_results", "readme_tiny", "readme_mid", "readme_pieces"]
 
-#: how each run type is named in tables
-RUN_LABELS = {
-    "shiq_token": "ShiQ, token rewards",
-    "shiq": "ShiQ, sequence reward on the last token",
-    "dpo": "DPO",
-    "dro": "DRO",
-    "copg": "CoPG",
-}
-
-RESULTS_NAME = "imdb_smollm2_cpu"
-KL_LEVELS = (1.0, 2.0, 5.0)
+RESULTS = {"tiny": "benchmarks/results/imdb_sweep_tiny.json", "mid": "benchmarks/results/imdb_mid.json"}
+_NAMES = {"shiq": "ShiQ", "dpo": "DPO", "dro": "DRO", "copg": "CoPG"}
+_FRONTIER_KEYS = ("loss_type", "beta", "step", "reward_mean", "reward_sem", "kl_mean", "kl_sem", "kl_states_mean",
+                  "kl_states_sem", "length_mean", "finished_fraction", "n", "pareto")
 
 
-def _r(x: float, nd: int = 4) -> float | None:
-    x = float(x)
-    return None if math.isnan(x) else round(x, nd)
+def _clean(value: Any) -> Any:
+    """JSON-safe and short: floats to 6 significant digits, NaN to None, numpy scalars to Python."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float):
+        return None if math.isnan(value) else float(f"{value:.6g}")
+    return value
 
 
-def results_record(result: Any, *, command: str, machine: dict[str, Any], target_gain: float = 0.05,
-                   name: str = RESULTS_NAME) -> dict[str, Any]:
-    """A JSON-ready record of a sweep (``result`` is an ``ImdbTaskResult``); ``name`` names its files."""
-    cfg = _flat_config(result)
-    frame = result.frontier
-    ref = result.reference_eval
-    points = []
-    for _, row in frame[frame["loss_type"] != "reference"].iterrows():
-        points.append({
-            "run": row["loss_type"], "beta": _r(row["beta"]), "step": int(row["step"]),
-            "responses": int(row["step"]) * int(cfg["batch_size"]),
-            "reward_mean": _r(row["reward_mean"]), "reward_sem": _r(row["reward_sem"]),
-            "kl_states_mean": _r(row["kl_states_mean"]), "kl_states_sem": _r(row["kl_states_sem"]),
-            "kl_mean": _r(row["kl_mean"]), "length_mean": _r(row["length_mean"], 2),
-            "finished_fraction": _r(row["finished_fraction"], 3),
-        })
-    ds = result.dataset
+def results_record(result: Any, *, command: str, cpu_seconds: float) -> dict[str, Any]:
+    """What the README needs from an :class:`~shiq_lab.tasks.imdb.sweep.ImdbTaskResult`, as a JSON-ready dict."""
+    frontier = [{k: _clean(row[k]) for k in _FRONTIER_KEYS} for _, row in result.frontier.iterrows()]
+    classifier = {k: _clean(v) for k, v in result.classifier_meta.items() if k != "config"}
     return {
-        "name": name,
+        "reference_model": _reference_model_meta(result.config.model),
         "command": command,
-        "config": cfg,
-        "machine": machine,
-        "seconds": round(result.seconds, 1),
-        "classifier": {k: _r(result.classifier_meta[k], 3) for k in
-                       ("accuracy_test", "accuracy_test_windows", "accuracy_rotten_tomatoes")},
-        "offline": {"n": len(ds), "reward_mean": _r(sum(ds["reward"]) / len(ds)),
-                    "cut_at_max_new_tokens": int(sum(f is False for f in ds["finished"]))},
-        "reference": {"reward_mean": _r(ref.reward_mean), "reward_sem": _r(ref.reward_sem), "n": int(ref.n),
-                      "length_mean": _r(ref.length_mean, 2), "finished_fraction": _r(ref.finished_fraction, 3)},
-        "target_reward": _r(ref.reward_mean + target_gain),
-        "points": points,
+        # the task's fields and the training fields the tables name (batch_size: responses per step, every loss)
+        "config": {**result.config.to_dict(), "max_steps": result.training.max_steps,
+                   "batch_size": result.training.per_device_train_batch_size,
+                   "learning_rate": result.training.learning_rate, "seed": result.training.seed},
+        "n_offline_responses": len(result.dataset),
+        "wall_seconds": round(result.seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "classifier": classifier,
+        "frontier": frontier,
     }
 
 
-#: the settings a results page states (task fields, then training fields under their 0.1 names)
-_TASK_FIELDS = ("model", "loss_types", "betas", "n_train_prompts", "samples_per_prompt", "n_words", "max_new_tokens",
-                "reward", "use_lora", "lora_r", "lora_alpha", "eval_every", "n_eval_prompts", "eval_samples_per_prompt",
-                "eval_seed", "sample_batch_size", "device", "cpu_threads", "dtype")
-_TRAINING_FIELDS = {"max_steps": "max_steps", "batch_size": "per_device_train_batch_size", "learning_rate": "learning_rate",
-                    "lr_scheduler_type": "lr_scheduler_type", "reward_normalization": "reward_normalization",
-                    "max_length": "max_length", "seed": "seed"}
+def _reference_model_meta(name: str) -> dict[str, Any]:
+    """Size, held-out loss and build time of a model built here (``pretrain.json``), else its name only."""
+    from shiq_lab.infra.models import MODEL_BUILDERS, model_folder
+
+    meta: dict[str, Any] = {"name": name}
+    if name in MODEL_BUILDERS:
+        report = model_folder(name) / "pretrain.json"
+        if report.exists():
+            data = json.loads(report.read_text())
+            meta.update({k: _clean(data[k]) for k in ("heldout_loss", "n_parameters", "seconds") if k in data})
+    return meta
 
 
-def _flat_config(result: Any) -> dict[str, Any]:
-    task = result.config.to_dict()
-    out = {k: task[k] for k in _TASK_FIELDS}
-    out["loss_types"], out["betas"] = list(out["loss_types"]), [float(b) for b in out["betas"]]
-    for name, attr in _TRAINING_FIELDS.items():
-        value = getattr(result.training, attr)
-        out[name] = getattr(value, "value", value)  # enums (lr_scheduler_type) as their string
-    return out
+def write_results(result: Any, path: str | Path, *, command: str, cpu_seconds: float) -> Path:
+    """Write :func:`results_record` to ``path`` (sorted keys: the same run gives the same bytes)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = results_record(result, command=command, cpu_seconds=cpu_seconds)
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return path
 
 
-def gain_se(point: dict[str, Any], reference: dict[str, Any]) -> float:
-    """Reward gain over the reference in (conservative, independent) standard errors."""
-    se = math.hypot(point["reward_sem"], reference["reward_sem"])
-    return (point["reward_mean"] - reference["reward_mean"]) / se
+def _load(root: Path, which: str) -> dict[str, Any]:
+    return json.loads((Path(root) / RESULTS[which]).read_text())
 
 
-def final_points(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The last evaluated point of every (run type, beta), in config order."""
-    last: dict[tuple[str, float], dict[str, Any]] = {}
-    for p in record["points"]:
-        key = (p["run"], p["beta"])
-        if key not in last or p["step"] > last[key]["step"]:
-            last[key] = p
-    return list(last.values())
-
-
-def best_at_kl(record: dict[str, Any], run: str, kl: float) -> dict[str, Any] | None:
-    """The highest-reward point of ``run`` with per-state KL <= ``kl`` (None if there is none)."""
-    ok = [p for p in record["points"] if p["run"] == run and p["kl_states_mean"] <= kl]
-    return max(ok, key=lambda p: (p["reward_mean"], -p["kl_states_mean"])) if ok else None
-
-
-def responses_to_target(record: dict[str, Any], run: str) -> int | None:
-    """Fewest offline responses after which some beta of ``run`` reaches ``target_reward`` (None: never)."""
-    hits = [p["responses"] for p in record["points"] if p["run"] == run and p["reward_mean"] >= record["target_reward"]]
-    return min(hits) if hits else None
-
-
-def _runs(record: dict[str, Any]) -> list[str]:
-    seen: list[str] = []
-    for p in record["points"]:
-        if p["run"] not in seen:
-            seen.append(p["run"])
-    return seen
-
-
-def _fmt_point(p: dict[str, Any] | None, ref: dict[str, Any]) -> str:
-    if p is None:
-        return "–"
-    return f"{p['reward_mean']:.3f} ± {p['reward_sem']:.3f} (KL {p['kl_states_mean']:.2f}, β {p['beta']:g}, step {p['step']}; {gain_se(p, ref):+.1f} s.e.)"
-
-
-def _tables(record: dict[str, Any]) -> list[str]:
-    ref = record["reference"]
-    cfg = record["config"]
-    runs = _runs(record)
-    lines = [
-        f"Reference (SmolLM2-135M-Instruct): mean reward **{ref['reward_mean']:.3f} ± {ref['reward_sem']:.3f}** on "
-        f"{ref['n']} fresh samples of {cfg['n_eval_prompts']} held-out prompts. Offline data: {record['offline']['n']} "
-        f"responses sampled from the reference ({cfg['n_train_prompts']} train prompts × {cfg['samples_per_prompt']}), "
-        f"mean reward {record['offline']['reward_mean']:.3f}; {record['offline']['cut_at_max_new_tokens']} of them reached "
-        f"the {cfg['max_new_tokens']}-token limit without EOS (treated as terminal).",
-        "",
-        "Final checkpoint (step {}) of every run: mean reward ± s.e., per-state KL(π‖π_ref) in nats, and the gain over the "
-        "reference in standard errors:".format(cfg["max_steps"]),
-        "",
-        "| run | " + " | ".join(f"β = {b:g}" for b in cfg["betas"]) + " |",
-        "|---|" + "---|" * len(cfg["betas"]),
-    ]
-    finals = final_points(record)
-    for run in runs:
-        cells = []
-        for b in cfg["betas"]:
-            p = next((q for q in finals if q["run"] == run and q["beta"] == _r(b)), None)
-            cells.append("–" if p is None else f"{p['reward_mean']:.3f} ± {p['reward_sem']:.3f}, KL {p['kl_states_mean']:.2f} "
-                         f"({gain_se(p, ref):+.1f} s.e.)")
-        lines.append(f"| {RUN_LABELS.get(run, run)} | " + " | ".join(cells) + " |")
-    lines += ["", "Best reward at matched KL (any β, any checkpoint with per-state KL ≤ K; a best-of-several, so "
-              "optimistic by selection) and offline responses needed to reach the target reward "
-              f"{record['target_reward']:.3f} (reference + 0.05):", "",
-              "| run | " + " | ".join(f"KL ≤ {k:g}" for k in KL_LEVELS) + " | responses to target |",
-              "|---|" + "---|" * (len(KL_LEVELS) + 1)]
-    for run in runs:
-        n = responses_to_target(record, run)
-        lines.append(f"| {RUN_LABELS.get(run, run)} | " + " | ".join(_fmt_point(best_at_kl(record, run, k), ref)
-                                                                    for k in KL_LEVELS)
-                     + f" | {n if n is not None else 'not reached'} |")
-    lines += ["", *_verdict(record)]
-    return lines
-
-
-def _verdict(record: dict[str, Any]) -> list[str]:
-    """The issue's two questions, answered from the numbers (sentences generated, never typed)."""
-    ref = record["reference"]
-    out = []
-    for run in ("shiq_token", "shiq"):
-        best = best_at_kl(record, run, 5.0)
-        if best is None:
+def _final(data: dict[str, Any]) -> dict[tuple[str, float], dict[str, Any]]:
+    """Last frontier point of each (loss type, beta)."""
+    out: dict[tuple[str, float], dict[str, Any]] = {}
+    for row in data["frontier"]:
+        if row["loss_type"] == "reference":
             continue
-        g = gain_se(best, ref)
-        out.append(f"- {RUN_LABELS[run]}: best held-out gain at KL ≤ 5 is {best['reward_mean'] - ref['reward_mean']:+.3f} "
-                   f"({g:+.1f} s.e.), {'more' if g > 3 else 'not more'} than 3 standard errors over the reference.")
-    tok, seq = (best_at_kl(record, r, 5.0) for r in ("shiq_token", "shiq"))
-    if tok is not None and seq is not None:
-        diff = tok["reward_mean"] - seq["reward_mean"]
-        se = math.hypot(tok["reward_sem"], seq["reward_sem"])
-        nt, ns = responses_to_target(record, "shiq_token"), responses_to_target(record, "shiq")
-        out.append(f"- Token against sequence rewards (ShiQ, best at KL ≤ 5): {diff:+.3f} ± {se:.3f} "
-                   f"({diff / se:+.1f} s.e.); responses to the target: {nt if nt is not None else 'not reached'} "
-                   f"against {ns if ns is not None else 'not reached'}.")
+        key = (row["loss_type"], row["beta"])
+        if key not in out or row["step"] > out[key]["step"]:
+            out[key] = row
     return out
 
 
-def render_markdown(record: dict[str, Any]) -> str:
-    """The full results page (``<name>.md``)."""
-    cfg = record["config"]
-    m = record["machine"]
-    head = [
-        f"# IMDB positive continuations on SmolLM2-135M-Instruct ({record['name']})",
-        "",
-        f"Generated from `{record['name']}.json` by `shiq_lab.tasks.imdb.report`; reproduce with `{record['command']}`.",
-        "",
-        f"Setting: {'LoRA r=' + str(cfg['lora_r']) if cfg['use_lora'] else 'full fine-tuning'}, lr {cfg['learning_rate']:g} "
-        f"({cfg['lr_scheduler_type']}), {cfg['max_steps']} steps of {cfg['batch_size']} responses, prompts of "
-        f"{cfg['n_words']} words, responses of at most {cfg['max_new_tokens']} tokens, rewards "
-        f"{cfg['reward_normalization']}-scored (β in units of the reward's standard deviation), evaluated every "
-        f"{cfg['eval_every']} steps on {cfg['n_eval_prompts']} held-out prompts × {cfg['eval_samples_per_prompt']} samples. "
-        f"Reward = P(positive) of the continuation under the project's classifier (held-out accuracy "
-        f"{record['classifier']['accuracy_test']:.3f} on full reviews, {record['classifier']['accuracy_test_windows']:.3f} "
-        "on 8-48-word windows).",
-        "",
-        f"Wall time {record['seconds'] / 60:.1f} min on {m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores, "
-        f"torch threads {cfg.get('cpu_threads') or m.get('torch_threads', '?')}; load average at the end "
-        f"{m.get('loadavg_1m_5m_15m', '?')}).",
-        "",
+def _reference(data: dict[str, Any]) -> dict[str, Any]:
+    return next(r for r in data["frontier"] if r["loss_type"] == "reference")
+
+
+def _table(data: dict[str, Any]) -> str:
+    cfg = data["config"]
+    betas = cfg["betas"]
+    final = _final(data)
+    head = "| final policy (step {}) | ".format(cfg["max_steps"]) + " | ".join(
+        f"beta {b:g}: reward | KL" for b in betas) + " |"
+    lines = [head, "|---|" + "---|---|" * len(betas)]
+    for lt in cfg["loss_types"]:
+        cells = [f"{final[(lt, b)]['reward_mean']:.3f} | {final[(lt, b)]['kl_states_mean']:.2f}" for b in betas]
+        lines.append(f"| {_NAMES.get(lt, lt)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _setting(data: dict[str, Any]) -> str:
+    cfg = data["config"]
+    ref = _reference(data)
+    sem = max(r["reward_sem"] for r in data["frontier"])
+    steps = sorted({r["step"] for r in data["frontier"] if r["loss_type"] != "reference"})
+    return (f"{data['n_offline_responses']:,} offline responses, {cfg['max_steps']} steps of {cfg['batch_size']} "
+            f"responses, lr {cfg['learning_rate']:g}, betas {' / '.join(f'{b:g}' for b in cfg['betas'])}, evaluated at "
+            f"steps {', '.join(map(str, steps))} on {ref['n']} held-out samples (reward s.e. ≤ {sem:.3f}); "
+            f"{data['cpu_seconds']:.0f} s of CPU ({data['wall_seconds']:.0f} s wall). "
+            f"Reference reward {ref['reward_mean']:.3f}.\n\n`{data['command']}`")
+
+
+def readme_tiny(root: Path) -> str:
+    """The notebook-default sweep: setting, final table and what the notebook asserts, with its numbers."""
+    data = _load(root, "tiny")
+    final = _final(data)
+    ref = _reference(data)["reward_mean"]
+    mean_final = sum(r["reward_mean"] for r in final.values()) / len(final)
+    lower = all(final[(lt, max(data["config"]["betas"]))]["kl_states_mean"]
+                < final[(lt, min(data["config"]["betas"]))]["kl_states_mean"] for lt in data["config"]["loss_types"])
+    return "\n".join([
+        f"Notebook default (CI): {_setting(data)}", "", _table(data), "",
+        "What the notebook asserts: classifier held-out accuracy > 0.88 "
+        f"(here {data['classifier']['accuracy_test']:.3f}); "
+        "reference KL exactly 0; per-state KL >= 0 and the sampled log-ratio within 5 s.e. of it; for every loss, "
+        f"the final KL at the larger beta below the one at the smaller ({'holds' if lower else 'FAILS'} here); "
+        "the final "
+        f"policies' mean reward ({mean_final:.3f}) above the reference's ({ref:.3f}) by > 0.02.",
+    ])
+
+
+def readme_mid(root: Path, kl_max: float = 4.0) -> str:
+    """The mid-scale sweep: setting, final table, and the best points below ``kl_max`` nats."""
+    data = _load(root, "mid")
+    runs = [r for r in data["frontier"] if r["loss_type"] != "reference"]
+    low = sorted((r for r in runs if r["kl_states_mean"] < kl_max), key=lambda r: -r["reward_mean"])
+    best = low[0] if low else None
+    lines = [f"Mid-scale CPU run: {_setting(data)}", "", _table(data), ""]
+    dpo = sorted((r for r in runs if r["loss_type"] == "dpo" and r["beta"] == min(data["config"]["betas"])),
+                 key=lambda r: r["step"])
+    if best is not None:
+        other = next((r for r in low if r["loss_type"] != best["loss_type"]), None)
+        text = (f"Below KL {kl_max:g} the most rewarded point is {_NAMES[best['loss_type']]}'s: "
+                f"{best['reward_mean']:.3f} "
+                f"at KL {best['kl_states_mean']:.2f} (beta {best['beta']:g}, step {best['step']})")
+        if other is not None:
+            text += (f"; the best other method there is {_NAMES[other['loss_type']]} with "
+                     f"{other['reward_mean']:.3f} at KL "
+                     f"{other['kl_states_mean']:.2f} (beta {other['beta']:g}, step {other['step']})")
+        top = max(runs, key=lambda r: r["reward_mean"])
+        text += (f". The highest reward of the sweep is {_NAMES[top['loss_type']]}'s {top['reward_mean']:.3f}, at KL "
+                 f"{top['kl_states_mean']:.2f} (beta {top['beta']:g}, step {top['step']}).")
+        if dpo:
+            kls = ", ".join(f"{r['kl_states_mean']:.1f}" for r in dpo)
+            steps = ", ".join(str(r["step"]) for r in dpo)
+            text += f" DPO at beta {dpo[0]['beta']:g} is at KL {kls} at steps {steps}."
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def readme_pieces(root: Path) -> str:
+    """The table of locally built pieces and the classifier's held-out accuracy, as the committed sweep built them."""
+    data = _load(root, "tiny")
+    c, m = data["classifier"], data.get("reference_model", {})
+    n_reviews = c["n_train_reviews"] + c["n_test_reviews"]
+    lm = (f"{m['n_parameters'] / 1e6:.1f}M-parameter Llama-shaped LM + 2048-token BPE, pretrained on train reviews "
+          f"(held-out loss {m['heldout_loss']:.2f} nats/token)") if "n_parameters" in m else "small Llama-shaped LM"
+    rows = [
+        "| piece | module | what it is | build time (one CPU core) |", "|---|---|---|---|",
+        f"| split and prompts | `shiq_lab.tasks.imdb.reviews` | {n_reviews:,} de-duplicated IMDB reviews, fixed 80/20 split (seed 0) "
+        "| seconds |",
+        "| reward model | `shiq_lab.tasks.imdb.reward` | logistic regression on hashed word 1-2-grams, mean-bag score, "
+        "trained "
+        f"on reviews and 8-48-word windows of them | {c['seconds']:.0f} s |",
+        f"| `imdb-small` | `shiq_lab.tasks.imdb.lm` | {lm} | {m.get('seconds', float('nan')):.0f} s |",
+        "| offline data | `shiq_lab.tasks.imdb.sweep.offline_dataset` | 4 continuations of 16 tokens per train prompt, with "
+        "rewards, exact token ids | seconds |",
     ]
-    rows = ["", "## Every evaluated point", "", "| run | β | step | responses | reward | s.e. | KL per state | KL sampled | length | finished |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for p in record["points"]:
-        rows.append(f"| {p['run']} | {p['beta']:g} | {p['step']} | {p['responses']} | {p['reward_mean']:.3f} | "
-                    f"{p['reward_sem']:.3f} | {p['kl_states_mean']:.3f} | {p['kl_mean']:.3f} | {p['length_mean']:.1f} | "
-                    f"{p['finished_fraction']:.2f} |")
-    return "\n".join(head + _tables(record) + rows) + "\n"
-
-
-def write_results(record: dict[str, Any], out_dir: str | Path, frontier=None) -> dict[str, Path]:
-    """Write ``<name>.json`` and ``<name>.md`` (and ``<name>.html`` from a frontier frame) into ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / f"{record['name']}.json", "md": out / f"{record['name']}.md"}
-    paths["json"].write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    paths["md"].write_text(render_markdown(record))
-    if frontier is not None:
-        from shiq_lab.evaluation.frontier import plot_frontier
-
-        paths["html"] = out / f"{record['name']}.html"
-        fig = plot_frontier(frontier, title="Reward-KL frontier, SmolLM2-135M on IMDB (CPU sweep)")
-        # plotly.js from its CDN (the page is small and byte-deterministic with a fixed div id)
-        fig.write_html(paths["html"], include_plotlyjs="cdn", full_html=True, div_id="frontier")
-    return paths
-
-
-def load_record(root: Path, name: str = RESULTS_NAME) -> dict[str, Any] | None:
-    """The committed record, or None when it has not been produced."""
-    path = Path(root) / "benchmarks" / "results" / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def readme_section(root: Path) -> str:
-    """The README block ``imdb-smollm2``: the tables of the committed CPU sweep."""
-    record = load_record(root)
-    if record is None:
-        return "_The SmolLM2 CPU sweep has not been run yet: `make bench-imdb-smollm2`._\n"
-    intro = (f"From `benchmarks/results/{record['name']}.json` ({record['seconds'] / 60:.0f} min wall, "
-             f"`{record['command']}`; frontier plot in `{record['name']}.html`, every point in `{record['name']}.md`).")
-    return "\n".join([intro, ""] + _tables(record)) + "\n"
-
-
-README_MARKERS = ("<!-- BEGIN generated: imdb-smollm2 -->", "<!-- END generated: imdb-smollm2 -->")
-
-
-def readme_block(readme_text: str) -> str:
-    """The text between this section's marker lines in a README (without the markers)."""
-    begin, end = README_MARKERS
-    if begin not in readme_text or end not in readme_text:
-        raise ValueError(f"README has no {begin} ... {end} block: add the two marker lines where the section goes")
-    return readme_text.split(begin + "\n", 1)[1].split(end, 1)[0]
-
-
-def write_readme_block(root: Path) -> bool:
-    """Rewrite the README block from the committed JSON; True when it changed."""
-    path = Path(root) / "README.md"
-    text = path.read_text()
-    old = readme_block(text)
-    new = readme_section(Path(root))
-    if old == new:
-        return False
-    path.write_text(text.replace(README_MARKERS[0] + "\n" + old + README_MARKERS[1], README_MARKERS[0] + "\n" + new + README_MARKERS[1]))
-    return True
-
-
-def rerender(root: Path, name: str = RESULTS_NAME) -> list[Path]:
-    """Rewrite ``<name>.md`` and the README block from the committed ``<name>.json``; returns what changed."""
-    changed = []
-    record = load_record(root, name)
-    if record is not None:
-        md = Path(root) / "benchmarks" / "results" / f"{name}.md"
-        text = render_markdown(record)
-        if not md.exists() or md.read_text() != text:
-            md.write_text(text)
-            changed.append(md)
-    if name == RESULTS_NAME and write_readme_block(root):
-        changed.append(Path(root) / "README.md")
-    return changed
-
-
-if __name__ == "__main__":  # python -m shiq_lab.tasks.imdb.report: re-render the page and the README block
-    import sys
-
-    changed = rerender(Path(__file__).resolve().parents[3])
-    print("rewrote " + ", ".join(str(c) for c in changed) if changed else "README block and results page already current")
-    sys.exit(0)
+    return "\n".join(rows) + "\n\n" + (
+            f"Held-out accuracy of the classifier ({c['n_test_reviews']:,} test reviews never seen in training, "
+            f"{c['n_train_reviews']:,} train reviews): **{c['accuracy_test']:.3f}** on full reviews, "
+            f"{c['accuracy_test_windows']:.3f} on random 8-48-word windows of them (the length of a continuation), "
+            f"{c['accuracy_rotten_tomatoes']:.3f} on Rotten Tomatoes one-liners (another site, out of domain).")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -42,7 +43,6 @@ import pandas as pd
 import torch
 from datasets import Dataset, load_from_disk
 from transformers import TrainerCallback
-from transformers.trainer_callback import PrinterCallback
 
 from shiq_lab.evaluation.frontier import pareto_mask, save_frontier
 from shiq_lab.evaluation.generations import FRONTIER_COLUMNS, PolicyEval, evaluate_policy
@@ -55,6 +55,7 @@ from shiq_lab.tasks.imdb import lm as imdb_model  # noqa: F401 -- registers "imd
 from shiq_lab.tasks.imdb.reviews import imdb_prompts
 from shiq_lab.tasks.imdb.reward import RewardModelConfig, SentimentReward, load_reward_model
 from shiq_lab.train.config import ShiQConfig
+from shiq_lab.train.progress import CompactPrinterCallback, SweepProgress, quiet_library_bars
 
 __all__ = ["RUN_TYPES", "ImdbTaskConfig", "offline_dataset", "add_token_rewards", "FrontierCallback", "train_run", "ImdbTaskResult", "run_imdb_task", "main"]
 
@@ -156,8 +157,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/imdb",
     "logging_steps": 1,
     "save_strategy": "no",
-    "report_to": "none",
-    "disable_tqdm": True,
+    "report_to": ["tensorboard"],  # events in each run's folder: tensorboard --logdir runs/
+    "seed": 0,  # the task's seed (TrainingArguments' default is 42): offline data, eval prompts (seed + 1), init
+    "disable_tqdm": True,  # the sweep's own bar (ImdbTaskConfig.progress) counts the steps of every run
 }
 #: names of the flat config of release 0.1 (one release of support): old name -> ShiQConfig field
 _LEGACY_TRAINING_NAMES = {"batch_size": "per_device_train_batch_size"}
@@ -194,7 +196,7 @@ class ImdbTaskConfig:
     use_lora: bool = False  # LoRA adapters on every linear layer; the reference is the base model
     lora_r: int = 16
     lora_alpha: int = 32
-    progress: bool = False  # a tqdm bar over the sweep's training steps
+    progress: bool = True  # one bar over runs x steps (tqdm.auto: a widget in notebooks)
 
     def __post_init__(self) -> None:
         self.loss_types = list(self.loss_types)
@@ -256,16 +258,6 @@ def split_config(values: dict[str, Any]) -> tuple[ImdbTaskConfig, ShiQConfig]:
     return task, training
 
 
-class _ProgressCallback(TrainerCallback):
-    """Advances a shared progress bar by one per optimiser step (the bar of the whole sweep)."""
-
-    def __init__(self, bar: Any):
-        self.bar = bar
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.bar.update(1)
-
-
 class FrontierCallback(TrainerCallback):
     """Evaluates the live policy every ``every`` steps and after the last one (a frontier point each)."""
 
@@ -309,13 +301,14 @@ def train_run(
     evaluate: Callable[[torch.nn.Module], PolicyEval],
     *,
     log: Callable[[str], None] = print,
-    progress: Any = None,
+    bar: Any = None,
 ) -> dict[str, Any]:
     """Train one (run type, beta) from the reference with :class:`~shiq_lab.train.trainer.ShiQTrainer`.
 
     ``loss_type="shiq_token"`` trains ShiQ on the dataset's ``token_rewards`` (its ``reward`` column
-    is dropped); the other types drop ``token_rewards`` and train on ``reward``. ``progress`` (a
-    tqdm bar) advances by one per training step.
+    is dropped); the other types drop ``token_rewards`` and train on ``reward``.
+
+    ``bar``: a shared progress bar (tqdm) that this run advances by its steps.
 
     Returns ``{"points": [(step, PolicyEval)], "history": trainer log rows, "folder": run folder,
     "seconds": ...}``; writes ``run.json`` (and the final model when ``save_models``) into the folder.
@@ -340,8 +333,6 @@ def train_run(
     callback = FrontierCallback(config.eval_every, evaluate, on_point=lambda s, r: log(
         f"   {loss_type:4s} beta={beta:<5g} step {s:4d}: reward {r.reward_mean:.3f}  KL {r.kl_states_mean:.3f}"))
     callbacks: list[TrainerCallback] = [callback]
-    if progress is not None:
-        callbacks.append(_ProgressCallback(progress))
     peft_config = None
     if config.use_lora:
         from peft import LoraConfig
@@ -349,12 +340,14 @@ def train_run(
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
                                  target_modules="all-linear", task_type="CAUSAL_LM")
     start = time.perf_counter()
+    if bar is not None:
+        callbacks.append(SweepProgress(bar, folder.name))
     with warnings.catch_warnings():
         # cut responses are counted once per dataset by _run, not once per run
         warnings.filterwarnings("ignore", message=r"tokenize_dataset: \d+ of \d+ responses did not finish")
         trainer = ShiQTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer,
                               callbacks=callbacks, peft_config=peft_config)
-    trainer.remove_callback(PrinterCallback)  # the per-step dicts: they are in the returned history
+    trainer.remove_callback(CompactPrinterCallback)  # the per-step lines: the bar and the history have them
     trainer.train()
     seconds = time.perf_counter() - start
     if config.save_models:
@@ -411,7 +404,7 @@ def run_imdb_task(config: ImdbTaskConfig | None = None, training: ShiQConfig | N
     config = config or ImdbTaskConfig()
     training = training or default_training()
     config.check_training(training)
-    with use_cpu_threads(config.cpu_threads if config.device == "cpu" else None):
+    with use_cpu_threads(config.cpu_threads if config.device == "cpu" else None), quiet_library_bars():
         return _run(config, training, log)
 
 
@@ -447,21 +440,29 @@ def _run(config: ImdbTaskConfig, training: ShiQConfig, log: Callable[[str], None
     rows = [{"label": "reference", "loss_type": "reference", "beta": float("nan"), "step": 0, "path": "",
              **reference_eval.row()}]
     history, final_evals = [], {}
-    from tqdm.auto import tqdm
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(config.loss_types) * len(config.betas) * training.max_steps, desc="imdb sweep", unit="step",
-               disable=not config.progress, mininterval=5.0)
+        n_runs = len(config.loss_types) * len(config.betas)
+        bar = tqdm(total=n_runs * training.max_steps, desc=f"{n_runs} runs x {training.max_steps} steps", unit="step",
+                   dynamic_ncols=True)
+        plain = log
+
+        def log(line: str) -> None:  # above the bar, not through it
+            with tqdm.external_write_mode():
+                plain(line)
+
     for loss_type in config.loss_types:
         for beta in config.betas:
-            bar.set_postfix_str(f"{loss_type} beta={beta:g}")
-            run = train_run(config, training, loss_type, beta, dataset, evaluate,
-                            log=bar.write if config.progress else log, progress=bar)
+            run = train_run(config, training, loss_type, beta, dataset, evaluate, log=log, bar=bar)
             for step, result in run["points"]:
                 rows.append({"label": f"{loss_type} beta={beta:g} step={step}", "loss_type": loss_type, "beta": beta,
                              "step": step, "path": str(run["folder"]), **result.row()})
             history += [{"loss_type": loss_type, "beta": beta, **h} for h in run["history"]]
             final_evals[(loss_type, beta)] = run["points"][-1][1]
-    bar.close()
+    if bar is not None:
+        bar.close()
     frontier = pd.DataFrame(rows)[FRONTIER_COLUMNS]
     frontier["pareto"] = pareto_mask(frontier, by=None)
     paths = save_frontier(frontier, out / "frontier")
@@ -508,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     from shiq_lab.train.config import ShiQConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    results = None
+    if "--results" in argv:  # the README's results file (shiq_lab.tasks.imdb.report); not a config field
+        i = argv.index("--results")
+        results, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    command = shlex.join(["python", "-m", "shiq_lab.tasks.imdb.sweep", *argv])
+    cpu0 = time.process_time()
     config, training = parse_config((ImdbTaskConfig, ShiQConfig), _legacy_flags(argv), defaults=TRAINING_DEFAULTS,
                                     prog="python -m shiq_lab.tasks.imdb.sweep", description=__doc__)
     try:
@@ -515,11 +522,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"shiq-lab: {err}") from None
     result = run_imdb_task(config, training)
+    if results:
+        from shiq_lab.tasks.imdb.report import write_results
+
+        write_results(result, results, command=f"{command} --results {results}", cpu_seconds=time.process_time() - cpu0)
     table = result.frontier.drop(columns=["path", "label"])
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(json.dumps(result.summary(), indent=1))
     print(f"frontier: {result.paths['csv']}  plot: {result.paths.get('html', '')}")
+    print(f"training curves: tensorboard --logdir {training.output_dir}")
     return 0
 
 
