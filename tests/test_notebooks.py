@@ -53,7 +53,7 @@ SMOLLM2_NB02 = {"MODEL": "smollm2-135m", "SFT_STEPS": 20, "LR": 3e-4, "SHIQ_LR":
 @pytest.mark.slow
 @pytest.mark.notebook
 def test_notebook_02_on_smollm2_passes_its_value_assertions(tmp_path, monkeypatch) -> None:
-    """Notebook 02 on SmolLM2-135M-Instruct (CPU, ~15 CPU-minutes): calibration, advantage and value checks hold."""
+    """Notebook 02 on SmolLM2-135M-Instruct (CPU, ~16 min on 2 shared cores): calibration, advantage and value checks hold."""
     from shiq_lab.infra.assets import is_fetched
 
     if not is_fetched("smollm2"):
