@@ -32,10 +32,13 @@ if __package__ in (None, ""):  # run as a file: make ``benchmarks`` and ``shiq_l
 import torch
 
 from benchmarks.common import add_common_args, check_common_args, fmt_bytes, iqr_text, markdown_table, publish, start_run
-from benchmarks.kernel_cases import BETA, METHOD_NAMES, kernel_table, make_problem, run_case
+from benchmarks.kernel_cases import BETA, MATMUL_FLOOR, METHOD_NAMES, kernel_table, liger_available, make_problem, run_case
 
 TIME_GOAL = 1.1  # time(shiq_fused) / time(sft_ce)
 MEMORY_GOAL = 0.25  # extra peak memory(shiq_fused) / extra peak memory(shiq_naive)
+LIGER_TIME_GOAL = 1.4  # time(shiq_fused) / time(liger_flce), trained output layer (GPU; floor 4/3)
+LIGER_MEMORY_GOAL = 1.0  # peak memory(shiq_fused) / peak memory(liger_flce)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _main_rows(rows: list[dict[str, Any]], clock: str) -> str:
@@ -55,6 +58,10 @@ def _main_rows(rows: list[dict[str, Any]], clock: str) -> str:
             "fused / naive peak mem": f"{q['peak_memory_fused_over_naive']:.3f}",
             "fused / naive working mem": f"{q['working_memory_fused_over_naive']:.3f}",
         })
+        if "time_fused_over_liger" in q:
+            table[-1].update({"Liger FLCE (s)": f"{t['liger_flce'][clock]['median']:.4f}",
+                              "fused / Liger time": iqr_text(q["time_fused_over_liger"][clock]),
+                              "fused / Liger peak mem": f"{q['peak_memory_fused_over_liger']:.3f}"})
     return markdown_table(table, list(table[0]))
 
 
@@ -80,6 +87,12 @@ def build_markdown(payload: dict[str, Any]) -> str:
         f"**{head['peak_memory_fused_over_naive']:.3f}** (goal <= {MEMORY_GOAL}: "
         f"{'met' if head['meets_memory_goal'] else 'NOT met'}).",
         "",
+        *([f"Against Liger's fused linear cross-entropy (first row): fused ShiQ / Liger time = "
+           f"**{head['time_fused_over_liger']:.3f}** (goal <= {LIGER_TIME_GOAL}: "
+           f"{'met' if head['meets_liger_time_goal'] else 'NOT met'}; floor {MATMUL_FLOOR:.3f} = 4/3 output-layer "
+           f"matmuls, measured / floor = {head['time_fused_over_liger'] / MATMUL_FLOOR:.3f}); peak memory = "
+           f"**{head['peak_memory_fused_over_liger']:.3f}** (goal <= {LIGER_MEMORY_GOAL}: "
+           f"{'met' if head['meets_liger_memory_goal'] else 'NOT met'}).", ""] if "time_fused_over_liger" in head else []),
         _main_rows(payload["main"], clock),
         "",
         "Fused vs naive ShiQ on the same inputs (largest relative difference): "
@@ -100,6 +113,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=49152, help="V (SmolLM2: 49152)")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="hidden states and output layer")
+    ap.add_argument("--liger", action="store_true",
+                    help="add Liger's fused linear cross-entropy (CUDA with liger-kernel; skipped with a note otherwise)")
     ap.add_argument("--no-frozen", action="store_true", help="skip the frozen-output-layer row")
     ap.add_argument("--no-scaling", action="store_true", help="skip the T and V sweeps")
     ap.add_argument("--scaling-seq-lens", type=int, nargs="+", default=[128, 256, 512, 1024])
@@ -119,14 +135,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     device, clock, machine = start_run(args.threads, args.device, args.clock)
-    dims = dict(hidden=args.hidden, device=device)
+    liger = args.liger and liger_available(device)
+    if args.liger and not liger:
+        print(f"--liger: Liger's kernel needs CUDA and liger-kernel (device {device}): skipped", flush=True)
+    dims = {"hidden": args.hidden, "device": device, "dtype": DTYPES[args.dtype]}
     tile = {"chunk_size": args.chunk_size, "vocab_chunk_size": args.vocab_chunk_size}
 
     main_rows = []
     configs = [(b, False) for b in args.batch] + ([] if args.no_frozen else [(args.batch[0], True)])
     for b, frozen in configs:
         p = make_problem(b, args.seq_len, vocab=args.vocab, frozen_head=frozen, **dims)
-        main_rows.append(run_case(p, rounds=args.rounds, warmup=args.warmup, device=device, tile=tile))
+        main_rows.append(run_case(p, rounds=args.rounds, warmup=args.warmup, device=device, tile=tile,
+                                  liger=liger and not frozen))
         print(f"B={b} frozen={frozen}: fused/SFT time {main_rows[-1]['ratios']['time_fused_over_sft'][clock]['median']:.3f}, "
               f"fused/naive peak memory {main_rows[-1]['ratios']['peak_memory_fused_over_naive']:.3f}", flush=True)
 
@@ -136,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for x in values:
                 t, v = (x, args.vocab) if key == "seq_len" else (args.seq_len, x)
                 p = make_problem(1, t, vocab=v, **dims)
-                scaling[key].append(run_case(p, rounds=args.scaling_rounds, warmup=1, device=device, check=False, tile=tile))
+                scaling[key].append(run_case(p, rounds=args.scaling_rounds, warmup=1, device=device, check=False,
+                                             tile=tile, liger=liger))
                 print(f"scaling T={t} V={v} done", flush=True)
 
     first = main_rows[0]
@@ -149,13 +170,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     headline["meets_time_goal"] = headline["time_fused_over_sft"] <= TIME_GOAL
     headline["meets_memory_goal"] = headline["peak_memory_fused_over_naive"] <= MEMORY_GOAL
+    if "time_fused_over_liger" in first["ratios"]:
+        headline["time_fused_over_liger"] = first["ratios"]["time_fused_over_liger"][clock]["median"]
+        headline["time_fused_over_liger_iqr"] = first["ratios"]["time_fused_over_liger"][clock]
+        headline["peak_memory_fused_over_liger"] = first["ratios"]["peak_memory_fused_over_liger"]
+        headline["matmul_floor"] = MATMUL_FLOOR
+        headline["meets_liger_time_goal"] = headline["time_fused_over_liger"] <= LIGER_TIME_GOAL
+        headline["meets_liger_memory_goal"] = headline["peak_memory_fused_over_liger"] <= LIGER_MEMORY_GOAL
     payload = {
         "benchmark": "loss_kernel",
         "quick": args.quick,
-        "goals": {"time_fused_over_sft_max": TIME_GOAL, "peak_memory_fused_over_naive_max": MEMORY_GOAL},
+        "goals": {"time_fused_over_sft_max": TIME_GOAL, "peak_memory_fused_over_naive_max": MEMORY_GOAL,
+                  "time_fused_over_liger_max": LIGER_TIME_GOAL, "peak_memory_fused_over_liger_max": LIGER_MEMORY_GOAL},
         "machine": machine,
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "scaling_rounds": args.scaling_rounds,
-                     "dtype": "float32", "beta": BETA, "threads": torch.get_num_threads(), "tile_args": tile},
+                     "dtype": args.dtype, "liger": liger, "beta": BETA, "threads": torch.get_num_threads(), "tile_args": tile},
         "headline": headline,
         "main": main_rows,
         "scaling": scaling,

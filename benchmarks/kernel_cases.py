@@ -7,7 +7,11 @@ GPU check (which adds Liger's fused linear cross-entropy where it is installed):
 - ``shiq_naive``: ``token_logprobs(hidden @ W.T, actions)`` + ``shiq_loss`` (full fp32 logits).
 - ``shiq_fused``: ``chunked_token_logprobs(hidden, W, actions)`` + ``shiq_loss`` (tiles only).
 
-Every response token is a policy token (mask all ones), so the three compute the same N x V logits.
+- ``liger_flce`` (CUDA, where ``liger-kernel`` is installed): Liger's fused linear cross-entropy
+  (Triton), the fused loss a GPU user would compare with: three output-layer matmuls, no logits.
+
+Every response token is a policy token (mask all ones), so all compute the same N x V logits.
+:func:`precision_check` compares bf16 with fp64 values and gradients (the CPU test's tolerances).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from benchmarks.common import (
     CLOCKS,
     fmt_bytes,
+    importable,
     interleaved_times,
     markdown_table,
     measure_memory,
@@ -113,7 +118,30 @@ def shiq_fused(p: Problem, chunk_size: int | None = None, vocab_chunk_size: int 
     return _shiq(p, logp, logz)
 
 
-METHODS: dict[str, Callable[..., torch.Tensor]] = {"sft_ce": sft_ce, "shiq_naive": shiq_naive, "shiq_fused": shiq_fused}
+_LIGER: dict[str, Any] = {}
+
+
+def liger_flce(p: Problem) -> torch.Tensor:
+    """Liger Kernel's fused linear cross-entropy (Triton; CUDA only) on the same hidden states and output layer."""
+    if "loss" not in _LIGER:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        _LIGER["loss"] = LigerFusedLinearCrossEntropyLoss()
+    targets = p.actions.masked_fill(p.mask == 0, -100)
+    return _LIGER["loss"](p.weight, p.hidden.flatten(0, 1), targets.flatten())
+
+
+def liger_available(device: torch.device) -> bool:
+    """Liger's kernel runs here: CUDA and ``liger_kernel`` importable."""
+    return device.type == "cuda" and importable("liger_kernel")
+
+
+#: the floor of time(ShiQ fused) / time(fused cross-entropy), trained output layer: 4 output-layer
+#: matmuls (forward, the backward's recompute, two gradient matmuls) against 3 (no recompute)
+MATMUL_FLOOR = 4 / 3
+
+METHODS: dict[str, Callable[..., torch.Tensor]] = {"sft_ce": sft_ce, "shiq_naive": shiq_naive, "shiq_fused": shiq_fused,
+                                                   "liger_flce": liger_flce}
 
 
 def _step(p: Problem, method: str, tile: dict[str, int | None]) -> Callable[[], None]:
@@ -153,16 +181,18 @@ def check_fused_equals_naive(p: Problem, tile: dict[str, int | None]) -> dict[st
 
 
 def run_case(p: Problem, *, rounds: int, warmup: int, device: torch.device, check: bool = True,
-             tile: dict[str, int | None] | None = None) -> dict[str, Any]:
-    """Time and memory of the three methods on one problem, and the ratios the goals are stated in.
+             tile: dict[str, int | None] | None = None, liger: bool = False) -> dict[str, Any]:
+    """Time and memory of the methods on one problem, and the ratios the goals are stated in.
 
-    ``tile`` holds ``chunk_size`` / ``vocab_chunk_size`` for the fused kernel (None: its default).
+    ``tile`` holds ``chunk_size`` / ``vocab_chunk_size`` for the fused kernel (None: its default);
+    ``liger`` adds Liger's fused linear cross-entropy and the ratios against it.
     """
     tile = tile or {"chunk_size": None, "vocab_chunk_size": None}
-    cases = {m: _step(p, m, tile) for m in METHOD_NAMES}
+    names = (*METHOD_NAMES, "liger_flce") if liger else METHOD_NAMES
+    cases = {m: _step(p, m, tile) for m in names}
     times = interleaved_times(cases, rounds=rounds, warmup=warmup, device=device, reset=_reset(p))
     memory = {}
-    for m in METHOD_NAMES:
+    for m in names:
         memory[m] = measure_memory(cases[m], device)
         _reset(p)()
     n_tok, vocab = p.actions.numel(), p.weight.shape[0]
@@ -172,7 +202,8 @@ def run_case(p: Problem, *, rounds: int, warmup: int, device: torch.device, chec
         "frozen_head": not p.weight.requires_grad,
         "tile": [tile["chunk_size"] or d_tok, tile["vocab_chunk_size"] or d_voc],
         "full_logits_fp32_bytes": n_tok * vocab * 4,
-        "times": {m: {c: time_summary(times[m][c]) for c in CLOCKS} for m in METHOD_NAMES},
+        "dtype": str(p.hidden.dtype).removeprefix("torch."),
+        "times": {m: {c: time_summary(times[m][c]) for c in CLOCKS} for m in names},
         "memory": memory,
         "ratios": {
             "time_fused_over_sft": {c: ratio_summary(times["shiq_fused"][c], times["sft_ce"][c]) for c in CLOCKS},
@@ -182,6 +213,12 @@ def run_case(p: Problem, *, rounds: int, warmup: int, device: torch.device, chec
             "peak_memory_fused_over_sft": memory["shiq_fused"]["peak_bytes"] / memory["sft_ce"]["peak_bytes"],
         },
     }
+    if liger:
+        q = row["ratios"]
+        q["time_fused_over_liger"] = {c: ratio_summary(times["shiq_fused"][c], times["liger_flce"][c]) for c in CLOCKS}
+        q["peak_memory_fused_over_liger"] = memory["shiq_fused"]["peak_bytes"] / memory["liger_flce"]["peak_bytes"]
+        q["time_fused_over_liger_over_floor"] = {c: {k: v / MATMUL_FLOOR if k != "n" else v
+                                                     for k, v in q["time_fused_over_liger"][c].items()} for c in CLOCKS}
     if check:
         row["check"] = check_fused_equals_naive(p, tile)
     return row
@@ -201,3 +238,33 @@ def kernel_table(rows: list[dict[str, Any]], clock: str) -> str:
             "fused / SFT time": f"{r['ratios']['time_fused_over_sft'][clock]['median']:.3f}",
         })
     return markdown_table(table, list(table[0]))
+
+
+def precision_check(device: torch.device, *, batch: int = 2, seq_len: int = 64, hidden: int = 64, vocab: int = 2000,
+                    seed: int = 0) -> dict[str, Any]:
+    """bf16 against fp64: the fused ShiQ loss's value and gradients, with the CPU test's tolerances.
+
+    The fp64 naive path is the truth; the plain bf16 path (full logits in bf16) is what bf16 costs
+    anyway. As in ``tests/test_fused_logprobs.py::test_bf16_as_accurate_as_the_bf16_reference``, the
+    fused bf16 kernel passes when its max relative error is < 0.03 and <= 2 x the plain bf16 error + 1e-3.
+    Also reports fp32 against fp64 (the fused fp32 kernel, expected ~1e-6).
+    """
+    grads: dict[str, tuple[torch.Tensor, ...]] = {}
+    for name, dtype, method in (("fp64", torch.float64, "shiq_naive"), ("bf16_plain", torch.bfloat16, "shiq_naive"),
+                                ("bf16_fused", torch.bfloat16, "shiq_fused"), ("fp32_fused", torch.float32, "shiq_fused")):
+        p = make_problem(batch, seq_len, hidden, vocab, dtype=dtype, device=device, seed=seed)
+        if dtype == torch.float64:  # the truth in fp64 throughout (reference statistics stay fp32 otherwise)
+            p.ref_logp, p.ref_logz, p.rewards = (t.double() for t in (p.ref_logp, p.ref_logz, p.rewards))
+        loss = METHODS[method](p)
+        loss.backward()
+        grads[name] = (loss.detach().double().reshape(1), p.hidden.grad.double(), p.weight.grad.double())
+    out: dict[str, Any] = {"shape": {"batch": batch, "seq_len": seq_len, "hidden": hidden, "vocab": vocab},
+                           "device": str(device), "errors": {}, "passed": True}
+    for i, what in enumerate(("loss", "grad_hidden", "grad_weight")):
+        truth = grads["fp64"][i]
+        scale = float(truth.abs().max().clamp_min(1e-30))
+        err = {k: float((grads[k][i] - truth).abs().max()) / scale for k in ("bf16_plain", "bf16_fused", "fp32_fused")}
+        ok = err["bf16_fused"] < 0.03 and err["bf16_fused"] <= 2 * err["bf16_plain"] + 1e-3 and err["fp32_fused"] < 1e-4
+        out["errors"][what] = {**err, "passed": ok}
+        out["passed"] = out["passed"] and ok
+    return out
