@@ -149,7 +149,7 @@ def build_markdown(payload: dict[str, Any]) -> str:
         f"Model: preset `{s['preset']}` (Llama-shaped, hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
         f"vocabulary {m['vocab_size']}, {m['n_params'] / 1e6:.1f} M parameters). Data: {s['rows']} sequences of "
         f"{s['prompt_len']} prompt + {s['completion_len']} response tokens ({s['tokens']} tokens), batch {s['batch']}, "
-        f"float32, eval mode, no gradients.",
+        f"{s['dtype']}, eval mode, no gradients.",
         "",
         f"Machine: {mi['cpu']} ({mi['cpu_count']} cores), device {mi['device']}, torch {mi['torch']}, {s['threads']} "
         f"torch thread(s), load average {mi.get('loadavg_1m_5m_15m')} at the start, {mi.get('loadavg_end')} at the end. "
@@ -190,6 +190,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--completion-len", type=int, default=192)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights and compute")
     args = ap.parse_args(argv)
     if args.quick:
         args.preset, args.rows, args.batch, args.prompt_len, args.completion_len = "quick", 8, 4, 8, 24
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     seq_len = args.prompt_len + args.completion_len
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(model_config(args.preset, seq_len)).to(device).eval()
+    model = LlamaForCausalLM(model_config(args.preset, seq_len)).to(device=device, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = word_tokenizer(model.config.vocab_size)
     ds = build_dataset(tokenizer, rows=args.rows, prompt_len=args.prompt_len, completion_len=args.completion_len,
                        vocab_size=model.config.vocab_size, seed=args.seed)
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"preset": args.preset, "model": {**preset, "n_params": sum(p.numel() for p in model.parameters())},
                      "rows": args.rows, "batch": args.batch, "prompt_len": args.prompt_len,
                      "completion_len": args.completion_len, "tokens": tokens, "rounds": args.rounds,
-                     "warmup": args.warmup, "threads": args.threads, "dtype": "float32",
+                     "warmup": args.warmup, "threads": args.threads, "dtype": args.dtype,
                      "batch_logits_fp32_bytes": args.batch * seq_len * preset["vocab_size"] * 4},
         "headline": headline,
         "results": results,

@@ -172,13 +172,12 @@ def build_markdown(payload: dict[str, Any]) -> str:
     ]
     prof = payload.get("profiles") or {}
     if prof:
-        lines += ["", "## Profile of one step (self CPU time, top operators)", ""]
         for name, p in prof.items():
-            lines += [f"**{name}** (total {p['self_cpu_total_ms']:.0f} ms)", ""]
+            lines += ["", f"## Profile of one step of {name} ({p['clock']}, top operators)", "",
+                      f"Total {p['total_ms']:.0f} ms.", ""]
             lines.append(markdown_table(
-                [{"op": o["op"], "self ms": f"{o['self_cpu_ms']:.1f}", "share": f"{100 * o['share']:.1f}%",
-                  "calls": o["calls"]} for o in p["top_ops"][:10]], ["op", "self ms", "share", "calls"]))
-            lines.append("")
+                [{"op": o["op"], "ms": f"{o['ms']:.1f}", "share": f"{100 * o['share']:.1f}%", "calls": o["calls"]}
+                 for o in p["top_ops"][:10]], ["op", "ms", "share", "calls"]))
     return "\n".join(lines)
 
 

@@ -59,6 +59,7 @@ __all__ = [
     "model_config",
     "offline_env",
     "peak_tflops",
+    "profile_table",
     "publish",
     "ratio_summary",
     "resolve_out_dir",
@@ -244,6 +245,28 @@ def measure_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, int
     out = _cuda_memory(fn, device) if device.type == "cuda" else _cpu_memory(fn)
     out["working_bytes"] = out["peak_bytes"] - out["retained_bytes"]
     return out
+
+
+def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 15) -> dict[str, Any]:
+    """The operators that take the time of one call of ``fn``, by torch.profiler: self CPU time, or on CUDA
+    self device (kernel) time. Returns ``{"clock", "total_ms", "top_ops": [{"op", "ms", "share", "calls"}]}``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+
+    def self_us(e: Any) -> float:
+        return e.self_device_time_total if cuda else e.self_cpu_time_total
+
+    events = prof.key_averages()
+    total = sum(self_us(e) for e in events) or 1.0
+    top = sorted(events, key=self_us, reverse=True)[:rows]
+    return {"clock": "self CUDA time" if cuda else "self CPU time", "total_ms": total / 1e3,
+            "top_ops": [{"op": e.key, "ms": self_us(e) / 1e3, "share": self_us(e) / total, "calls": e.count}
+                        for e in top]}
 
 
 def fmt_bytes(n: float) -> str:

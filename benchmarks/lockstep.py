@@ -24,7 +24,16 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import CLOCKS, ids_to_text, importable, make_triples, measure_memory, offline_env, word_tokenizer
+from benchmarks.common import (
+    CLOCKS,
+    ids_to_text,
+    importable,
+    make_triples,
+    measure_memory,
+    offline_env,
+    profile_table,
+    word_tokenizer,
+)
 
 __all__ = [
     "BETA",
@@ -189,19 +198,6 @@ def _probe_step(trainer):
     return step, tokens
 
 
-def _profile_table(fn, rows: int = 15) -> dict[str, Any]:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
-    return {"self_cpu_total_ms": total / 1e3,
-            "top_ops": [{"op": e.key, "self_cpu_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total,
-                         "calls": e.count} for e in top]}
-
-
 def worker_main(conn, spec: dict[str, Any]) -> None:
     """Entry point of a configuration's process: build, report ready, train in lockstep, report."""
     try:
@@ -256,7 +252,7 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
             if spec["measure_memory"]:
                 report["step_memory"] = measure_memory(step, device)
             if spec["profile"]:
-                report["profile"] = _profile_table(step)
+                report["profile"] = profile_table(step, device)
         conn.send({"report": report})
     except BaseException:  # noqa: BLE001 -- the parent must hear about any failure, then re-raises it
         conn.send({"error": traceback.format_exc()})
