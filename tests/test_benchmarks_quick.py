@@ -96,3 +96,30 @@ def test_synthetic_quick_writes_outside_the_committed_results():
     before = results_digest()
     assert bench_main(["synthetic", "--quick", "--out", "benchmarks/results"]) == 2  # refused before any run
     assert results_digest() == before
+
+
+def test_readme_performance_blocks_are_generated_from_the_committed_results():
+    """Every performance block of the README is its renderer's output on benchmarks/results/ (byte for byte)."""
+    import importlib
+    import re
+
+    from benchmarks.readme_sections import SECTIONS
+
+    text = (ROOT / "README.md").read_text()
+    for name, target in SECTIONS.items():
+        module, _, function = target.partition(":")
+        body = getattr(importlib.import_module(module), function)(ROOT).rstrip("\n") + "\n"
+        match = re.search(rf"^<!-- BEGIN generated: {re.escape(name)} -->\n(.*?)^<!-- END generated: {re.escape(name)} -->$",
+                          text, re.MULTILINE | re.DOTALL)
+        assert match, f"README has no generated block {name!r}"
+        assert match.group(1) == body, f"README block {name!r} is stale: run python -m shiq_lab.infra.readme --write"
+
+
+
+def test_goal_status_uses_the_spread():
+    from benchmarks.readme_sections import _status
+
+    assert _status({"median": 1.03, "q1": 0.98, "q3": 1.09}, "<=", 1.1) == "met"
+    assert _status({"median": 1.03, "q1": 0.98, "q3": 1.108}, "<=", 1.1).startswith("met at the median")
+    assert _status({"median": 1.12, "q1": 1.05, "q3": 1.2}, "<=", 1.1) == "NOT met"
+    assert _status({"median": 1.2, "q1": 0.9, "q3": 1.3}, ">=", 0.95).startswith("met at the median")
