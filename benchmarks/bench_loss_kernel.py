@@ -31,8 +31,24 @@ if __package__ in (None, ""):  # run as a file: make ``benchmarks`` and ``shiq_l
 
 import torch
 
-from benchmarks.common import add_common_args, check_common_args, fmt_bytes, iqr_text, markdown_table, publish, start_run
-from benchmarks.kernel_cases import BETA, MATMUL_FLOOR, METHOD_NAMES, kernel_table, liger_available, make_problem, run_case
+from benchmarks.common import (
+    add_common_args,
+    check_common_args,
+    fmt_bytes,
+    iqr_text,
+    markdown_table,
+    publish,
+    start_run,
+)
+from benchmarks.kernel_cases import (
+    BETA,
+    MATMUL_FLOOR,
+    METHOD_NAMES,
+    kernel_table,
+    liger_available,
+    make_problem,
+    run_case,
+)
 
 TIME_GOAL = 1.1  # time(shiq_fused) / time(sft_ce)
 MEMORY_GOAL = 0.25  # extra peak memory(shiq_fused) / extra peak memory(shiq_naive)

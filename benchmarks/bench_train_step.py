@@ -5,7 +5,7 @@ work of supervised fine-tuning (SFT) on the same tokens. This script measures ho
 
 - ``sft``: a plain ``transformers.Trainer`` on the same model and batch, the causal-LM loss
   (labels = the tokens, prompt masked with -100; the model computes its full logits).
-- ``shiq``: :class:`shiq_lab.trainer.ShiQTrainer` (``loss_type="shiq"``), reference statistics
+- ``shiq``: :class:`shiq_lab.train.trainer.ShiQTrainer` (``loss_type="shiq"``), reference statistics
   computed once at construction (not in the timed steps).
 - ``dpo``: TRL's ``DPOTrainer`` with its defaults (sigmoid loss, a reference model run at every step).
 - ``dpo_precompute``: the same with ``precompute_ref_log_probs=True`` (reference pass at construction).

@@ -180,7 +180,7 @@ WORKERS: dict[str, Callable[[str, bool], dict[str, Any]]] = {
 
 def worker_notebook04(device: str, dry_run: bool) -> dict[str, Any]:
     """Execute notebook 04 with papermill: the real model on the GPU (tiny CPU defaults in a dry run)."""
-    from shiq_lab.notebook_runner import run_notebook
+    from shiq_lab.infra.notebook_runner import run_notebook
 
     params: dict[str, Any] = {"device": device}
     if not dry_run:
@@ -224,7 +224,7 @@ def _notebook(ctx: Context) -> list[str] | None:
                                   f"when pyarrow takes the carry budget; see the wheels stage)")
         return None
     if not ctx.dry_run:
-        from shiq_lab.assets import assets_dir
+        from shiq_lab.infra.assets import assets_dir
 
         if not (assets_dir() / "smollm2" / ".complete").exists():
             ctx.skip["notebook04"] = (f"the SmolLM2-135M asset is not in {assets_dir()} (94 MiB: over the 64 MiB "

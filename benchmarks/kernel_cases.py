@@ -34,7 +34,7 @@ from benchmarks.common import (
     ratio_summary,
     time_summary,
 )
-from shiq_lab.fused_logprobs import chunked_token_logprobs, default_tile
+from shiq_lab.lm.kernel import chunked_token_logprobs, default_tile
 from shiq_lab.losses import shiq_loss, token_logprobs
 
 __all__ = [

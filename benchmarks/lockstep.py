@@ -124,7 +124,7 @@ def build_trainer(config: str, spec: dict[str, Any], model, tokenizer, triples: 
         return Trainer(model=model, args=TrainingArguments(**args), train_dataset=Dataset.from_list(rows),
                        data_collator=_SFTCollator(), processing_class=tokenizer, callbacks=callbacks)
     if config == "shiq":
-        from shiq_lab.trainer import ShiQConfig, ShiQTrainer
+        from shiq_lab.train.trainer import ShiQConfig, ShiQTrainer
 
         rows = [{"prompt_ids": p, "completion_ids": c, "reward": r, "group": g} for p, c, r, g in responses]
         cfg = ShiQConfig(**args, loss_type="shiq", beta=BETA, max_length=spec["prompt_len"] + spec["completion_len"],
@@ -261,7 +261,7 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
 
 
 #: imported once by the fork server, so that every worker starts with them loaded (seconds each otherwise)
-PRELOAD = ("torch", "transformers.trainer", "datasets", "trl.trainer.dpo_trainer", "shiq_lab.trainer",
+PRELOAD = ("torch", "transformers.trainer", "datasets", "trl.trainer.dpo_trainer", "shiq_lab.train.trainer",
            "benchmarks.common", "benchmarks.lockstep")
 
 

@@ -87,8 +87,8 @@ def test_loss_kernel_quick(tmp_path):
 
 
 def test_synthetic_quick_writes_outside_the_committed_results():
-    from shiq_lab.bench.__main__ import main as bench_main
-    from shiq_lab.bench.__main__ import out_dir
+    from shiq_lab.tasks.synthetic.__main__ import main as bench_main
+    from shiq_lab.tasks.synthetic.__main__ import out_dir
 
     assert out_dir(None, quick=True) == Path("runs/bench-quick")
     assert out_dir(None, quick=False) == Path("benchmarks/results")

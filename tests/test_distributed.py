@@ -2,7 +2,7 @@
 with the same global batch.
 
 The loss of each micro-batch is its sum of terms divided by the item count of the whole step on
-all processes (see shiq_lab.trainer), so the split of a global batch over processes must not change
+all processes (see shiq_lab.train.trainer), so the split of a global batch over processes must not change
 the losses, the gradient norms or the trained weights. One 2-process run takes 30-60 s on 2 cores
 (two interpreters importing torch + transformers); it is part of ``make test`` all the same, since
 this equality is what multi-GPU users rely on. The single-process counterpart of the same
@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from shiq_lab import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
+CONFIG = str(ROOT / "configs" / "train" / "tiny_cpu.yaml")
 FSDP_CONFIG = str(ROOT / "configs" / "accelerate" / "fsdp.yaml")
 FSDP_SHIM = str(ROOT / "tests" / "helpers" / "accelerate_fsdp_cpu.py")
 METRICS = ("loss", "grad_norm", "kl", "logratio", "residual_abs_mean", "first_residual_abs_mean")
