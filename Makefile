@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic lint
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic lint gpu-check gpu-wheels
 
 setup: $(STAMP) assets
 
@@ -61,7 +61,8 @@ test-slow: setup browser-deps
 lab: setup
 	$(BIN)/jupyter lab notebooks
 
-# Benchmarks write JSON + markdown under benchmarks/results/ (minutes; BENCH_ARGS=--quick for a smoke run).
+# Benchmarks write JSON + markdown under benchmarks/results/ (minutes; BENCH_ARGS=--quick for a smoke run,
+# which writes runs/bench-quick/ instead and never touches the committed results).
 BENCH_ARGS ?=
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python -m benchmarks.$$(basename $$b .py) $(BENCH_ARGS) || exit 1; done
@@ -69,6 +70,16 @@ bench: setup
 # The synthetic token-tree benchmark of notebook 03 (full run; --quick for a smoke run).
 bench-synthetic: setup
 	$(BIN)/python -m shiq_lab.tasks.synthetic synthetic $(BENCH_ARGS)
+
+# The whole GPU measurement of issue 14 (< 8 min on one H200) -> benchmarks/results/gpu_check.{json,md};
+# GPU_CHECK_ARGS=--dry-run checks the script on a CPU at toy size. gpu-wheels fetches the cp312 wheels the
+# GPU image lacks into .gpu-wheels/ (carry it to the GPU machine).
+GPU_CHECK_ARGS ?=
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+
+gpu-wheels: setup
+	bash benchmarks/gpu_wheels.sh
 
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^shiq' > requirements-cpu.lock
