@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from shiq_lab.infra.notebooks import OFFLINE_ENV as _HUB_OFFLINE
+
 __all__ = [
     "BOS_ID",
     "CLOCKS",
@@ -77,9 +79,9 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: where ``--quick`` runs write by default: ignored by git (``runs/``), so a smoke run leaves the tree clean
 QUICK_DIR = ROOT / "runs" / "bench-quick"
 
-#: the environment of every benchmark process: no hub access, no tokenizer threads, no progress bars
-OFFLINE_ENV: dict[str, str] = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                               "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
+#: the environment of every benchmark process: the library's offline variables (no hub access), no tokenizer
+#: threads, no progress bars
+OFFLINE_ENV: dict[str, str] = {**_HUB_OFFLINE, "TOKENIZERS_PARALLELISM": "false", "TQDM_DISABLE": "1"}
 
 
 def offline_env(base: Mapping[str, str] | None = None, *, apply: bool = False, **extra: str) -> dict[str, str]:

@@ -132,8 +132,10 @@ def install_wheels(ctx: Context) -> dict[str, Any]:
         out["would_install"] = [w.name for w in missing]
         return out
     for w in missing:
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(w)],
-                              capture_output=True, text=True, timeout=120)
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(w)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0 and "externally-managed" in proc.stderr:  # a distribution's Python (PEP 668)
+            proc = subprocess.run([*cmd, "--break-system-packages"], capture_output=True, text=True, timeout=120)
         (out["installed"] if proc.returncode == 0 else out["failed"]).append(
             w.name if proc.returncode == 0 else f"{w.name}: {proc.stderr.strip()[-300:]}")
     return out
@@ -349,6 +351,10 @@ def build_markdown(receipt: dict[str, Any]) -> str:
               "MFU": f"{100 * c['mfu']:.1f}%" if c.get("mfu") is not None else "n/a",
               "CUDA max allocated": fmt_bytes(c.get("cuda_max_allocated_bytes", -1))} for n, c in configs.items()],
             ["trainer", "tokens/s", "tokens/s [quartiles]", "MFU", "CUDA max allocated"])]
+    for name, p in (train.get("profiles") or {}).items():
+        lines += ["", f"### Where a {name} step's time goes ({p['clock']}, total {p['total_ms']:.1f} ms)", "",
+                  markdown_table([{"op": o["op"][:60], "ms": f"{o['ms']:.2f}", "share": f"{100 * o['share']:.1f}%",
+                                   "calls": o["calls"]} for o in p["top_ops"][:8]], ["op", "ms", "share", "calls"])]
     return "\n".join(lines)
 
 
@@ -461,9 +467,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    offline_env(apply=True)
     args = parse_args(argv)
     if args.stage_worker:
-        offline_env(apply=True)
         result = WORKERS[args.stage_worker](args.device or "cpu", args.dry_run)
         args.stage_out.write_text(json.dumps(result, indent=1) + "\n")
         return 0

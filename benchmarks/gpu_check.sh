@@ -8,7 +8,8 @@
 # Extra arguments go to `python -m benchmarks.gpu_check` (--stages, --stage-budget STAGE=S, --budget-s, --out-dir).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONHASHSEED=0
+# (the offline variables are set by the script itself: benchmarks.common.offline_env)
+export PYTHONHASHSEED=0
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 # the script keeps to its own 480 s budget; this outer limit only catches a hang outside any stage
