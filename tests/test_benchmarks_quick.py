@@ -123,3 +123,15 @@ def test_goal_status_uses_the_spread():
     assert _status({"median": 1.03, "q1": 0.98, "q3": 1.108}, "<=", 1.1).startswith("met at the median")
     assert _status({"median": 1.12, "q1": 1.05, "q3": 1.2}, "<=", 1.1) == "NOT met"
     assert _status({"median": 1.2, "q1": 0.9, "q3": 1.3}, ">=", 0.95).startswith("met at the median")
+
+
+@pytest.mark.parametrize("script", ["bench_loss_kernel", "bench_train_step", "bench_reference_precompute",
+                                    "bench_scaling"])
+def test_every_benchmark_sends_quick_runs_outside_the_results(script):
+    import importlib
+
+    parse = importlib.import_module(f"benchmarks.{script}").parse_args
+    assert parse(["--quick"]).out_dir == QUICK_DIR
+    assert parse([]).out_dir == RESULTS_DIR
+    with pytest.raises(SystemExit):  # refused before any work
+        parse(["--quick", "--out-dir", str(RESULTS_DIR)])
