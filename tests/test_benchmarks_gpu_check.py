@@ -92,3 +92,27 @@ def test_dry_run_every_stage(tmp_path):
     assert stages["precision"]["result"]["passed"] is True
     assert set(stages["train_step"]["result"]["results"]["configs"]) == {"sft", "shiq"}
     assert stages["notebook04"]["status"] in ("ok", "skipped")
+
+
+def test_the_gpu_commands_parse(tmp_path):
+    """The full (GPU) command of every benchmark stage is accepted by its script's parser (no typo waits for a GPU)."""
+    import importlib
+
+    ctx = gpu_check.Context(dry_run=False, device="cuda", work=tmp_path, wheels=tmp_path, skip={})
+    parsed = 0
+    for stage in gpu_check.STAGES:
+        if stage.command is None or stage.name == "notebook04":
+            continue
+        argv = stage.command(ctx)
+        assert argv[1] == "-m", argv
+        module = importlib.import_module(argv[2])
+        if argv[2] == "benchmarks.gpu_check":
+            assert argv[3] == "--stage-worker" and argv[4] in gpu_check.WORKERS
+        else:
+            args = module.parse_args(argv[3:])
+            assert args.device == "cuda" and args.out_dir == tmp_path.resolve() and not args.quick
+            parsed += 1
+    assert parsed == 3
+    args = importlib.import_module("benchmarks.bench_train_step").parse_args(
+        gpu_check.STAGES[gpu_check.STAGE_NAMES.index("train_step")].command(ctx)[3:])
+    assert args.batch * (args.prompt_len + args.completion_len) >= 16384  # the MFU goal's tokens per step
