@@ -53,6 +53,7 @@ __all__ = [
     "importable",
     "interleaved_times",
     "iqr_text",
+    "repeat_summary",
     "lm_head_flop_share",
     "machine_info",
     "make_triples",
@@ -196,6 +197,12 @@ def ratio_summary(numerator: list[float], denominator: list[float]) -> dict[str,
     ratios = [a / b for a, b in zip(numerator, denominator)]
     q1, q3 = _quartiles(ratios)
     return {"median": statistics.median(ratios), "q1": q1, "q3": q3, "n": len(ratios)}
+
+
+def repeat_summary(values: list[float]) -> dict[str, Any]:
+    """Median, quartiles and the values of one ratio measured in several repeats (the spread across runs)."""
+    q1, q3 = _quartiles(values)
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "n": len(values), "values": values}
 
 
 def iqr_text(r: Mapping[str, float]) -> str:

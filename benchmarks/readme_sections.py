@@ -74,9 +74,11 @@ def cpu_goals(root: Path) -> str:
     first = lk["main"][0]
     sp = ts["results"]["shiq_speedup"]
     tc = ts["headline"]["clock"]
+    # across runs where the results have repeats (median of the runs' medians), else within the one run
+    kernel = lk["headline"].get("time_fused_over_sft_repeats") or first["ratios"]["time_fused_over_sft"][clock]
     rows = [
         ("fused ShiQ loss time ≤ 1.1 × PyTorch cross-entropy (B = 1, T = 512, V = 49,152, trained output layer)",
-         first["ratios"]["time_fused_over_sft"][clock], "<=", lk["goals"]["time_fused_over_sft_max"]),
+         kernel, "<=", lk["goals"]["time_fused_over_sft_max"]),
         ("ShiQTrainer tokens/s ≥ 0.95 × SFT (`transformers.Trainer`, same model, batch and tokens)",
          sp["sft"][tc], ">=", ts["goals"]["shiq_over_sft_min"]),
         ("ShiQTrainer tokens/s ≥ 1.25 × TRL `DPOTrainer` (defaults: reference forward every step)",
@@ -84,7 +86,8 @@ def cpu_goals(root: Path) -> str:
     ]
     lines = ["| goal (CPU) | measured: median [quartiles] | status |", "|---|---|---|"]
     for text, r, op, bound in rows:
-        lines.append(f"| {text} | {_iqr(r, 3)} ({r['n']} rounds) | {_status(r, op, bound)} |")
+        over = f"{r['n']} runs of {lk['settings']['rounds']} rounds" if "values" in r else f"{r['n']} rounds"
+        lines.append(f"| {text} | {_iqr(r, 3)} ({over}) | {_status(r, op, bound)} |")
     mem = first["ratios"]["peak_memory_fused_over_naive"]
     lines.append(f"| fused ShiQ extra peak memory ≤ 0.25 × the naive full-logits ShiQ (same case) | **{mem:.3f}** "
                  f"(deterministic; temporaries only: {first['ratios']['working_memory_fused_over_naive']:.3f}) | "
@@ -99,7 +102,9 @@ def cpu_goals(root: Path) -> str:
                  f"{h['fused_kernel_time_slope_T']:.2f} (T), {h['fused_kernel_time_slope_V']:.2f} (V); step "
                  f"{h['shiq_step_time_slope_T']:.2f} (T); largest-tensor checks "
                  f"{'all pass' if linear else 'FAIL'} | {'met' if linear else 'NOT met'} |")
-    lines += ["", f"Each ratio is the median of per-round ratios within one run, quartiles in brackets; {_clock(lk['headline'])} "
+    lines += ["", "Each ratio is the median of per-round ratios within a run, quartiles in brackets; where the loss kernel "
+              "was run several times, the median and quartiles of those runs' medians (the spread across runs). "
+              f"{_clock(lk['headline'])} "
               f"with one torch thread (steadier than wall time on a shared machine). Loss kernel: "
               f"{_machine(lk['machine'])}. Training step: {_machine(ts['machine'])}."]
     return "\n".join(lines)
