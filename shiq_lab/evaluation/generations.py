@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from shiq_lab.data.batch import pad_token_id, pad_with_mask
 from shiq_lab.evaluation.sampling import RewardFn, Samples, sample_completions, score_samples
 
 #: columns of a frontier frame, in order
@@ -44,16 +45,6 @@ class SequenceStats:
     kl_states: np.ndarray  # [N] sum over response states of KL(pi(.|s) || pi_ref(.|s))
     policy_logp: np.ndarray  # [N] sum over response tokens of ln pi
     lengths: np.ndarray  # [N] response tokens
-
-
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -113,7 +104,7 @@ def sequence_stats(
         ns = [len(samples.completion_ids[i]) for i in rows]
         if min(starts) < 1:
             raise ValueError("a sample has an empty prompt: its first response token has no state to score")
-        ids, mask = _right_pad(seqs, pad_id)
+        ids, mask = pad_with_mask(seqs, pad_id)
         pol = _response_log_softmax(policy, ids, mask, starts, ns)
         if reference is policy:
             ref = pol
@@ -198,7 +189,7 @@ def evaluate_policy(
     score_samples(samples, reward_fn)
     if reference is not None and reference is not policy and _device_of(reference) != _device_of(policy):
         reference.to(_device_of(policy))
-    stats = sequence_stats(policy, reference, samples, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    stats = sequence_stats(policy, reference, samples, pad_id=pad_token_id(tokenizer), batch_size=batch_size)
     rewards = np.asarray(samples.rewards, dtype=np.float64)
     return PolicyEval(
         reward_mean=float(rewards.mean()), reward_sem=_sem(rewards),

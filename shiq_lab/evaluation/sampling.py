@@ -21,7 +21,9 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["RewardFn", "Samples", "sample_completions", "score_samples", "build_offline_dataset", "left_pad"]
+from shiq_lab.data.batch import pad_token_id, pad_with_mask
+
+__all__ = ["RewardFn", "Samples", "sample_completions", "score_samples", "build_offline_dataset"]
 
 #: ``reward_fn(prompts, completions) -> [N]`` rewards (e.g. :class:`shiq_lab.tasks.imdb.reward.SentimentReward`)
 RewardFn = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
@@ -57,18 +59,6 @@ class Samples:
         })
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` [B, L] with each row right-aligned (left padding)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids, mask
-
-
 def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -88,7 +78,7 @@ def _cache_of(output: Any) -> Any:
 def _sample_batch(model: PreTrainedModel, prompt_ids: list[list[int]], *, pad_id: int, eos_id: int | None,
                   max_new_tokens: int, temperature: float, generator: torch.Generator,
                   device: torch.device) -> list[list[int]]:
-    input_ids, attn = left_pad(prompt_ids, pad_id)
+    input_ids, attn = pad_with_mask(prompt_ids, pad_id, "left")
     input_ids, attn = input_ids.to(device), attn.to(device)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     cache_kw = _cache_name(model)
@@ -172,7 +162,7 @@ def sample_completions(
     completion_ids: list[list[int]] = []
     for k in range(0, len(order), batch_size):
         chunk = [ids for _, ids in order[k:k + batch_size]]
-        completion_ids += _sample_batch(model, chunk, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+        completion_ids += _sample_batch(model, chunk, pad_id=pad_token_id(tokenizer), eos_id=tokenizer.eos_token_id,
                                         max_new_tokens=max_new_tokens, temperature=temperature,
                                         generator=generator, device=device)
     eos = tokenizer.eos_token_id

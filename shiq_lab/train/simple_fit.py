@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shiq_lab.data.inspect import Prompt, Response, encode_responses, pad_batch
+from shiq_lab.data.batch import batch_responses, pad_token_id
+from shiq_lab.data.encode import Prompt, Response, encode_responses
 from shiq_lab.losses import shiq_loss, token_logprobs
 from shiq_lab.views.token_values import Rewards, eval_mode, resolve_rewards
 
@@ -70,7 +71,7 @@ def fit_sft(
 ) -> FitHistory:
     """Maximum likelihood (mean negative log-likelihood of the policy tokens) on the responses, in place."""
     encoded = encode_responses(tokenizer, prompt, responses, add_eos=add_eos)
-    batch = pad_batch(encoded, _pad(tokenizer), next(model.parameters()).device)
+    batch = batch_responses(encoded, pad_token_id(tokenizer), next(model.parameters()).device)
     mask = batch.mask.bool()
 
     def nll() -> tuple[torch.Tensor, dict]:
@@ -78,10 +79,6 @@ def fit_sft(
         return -logp[mask].mean(), {}
 
     return _adamw_loop(model, nll, steps=steps, lr=lr, weight_decay=weight_decay)
-
-
-def _pad(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def _logprobs(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +110,7 @@ def fit_shiq(
     encoded = encode_responses(tokenizer, prompt, responses, add_eos=add_eos)
     reward_rows = resolve_rewards(rewards, encoded)
     device = next(model.parameters()).device
-    batch = pad_batch(encoded, _pad(tokenizer), device)
+    batch = batch_responses(encoded, pad_token_id(tokenizer), device)
     r = torch.zeros(batch.mask.shape, dtype=torch.float32, device=device)
     for b, (e, rew) in enumerate(zip(encoded, reward_rows)):
         r[b, e.start - 1 : e.start - 1 + e.n_rows] = torch.as_tensor(rew, dtype=torch.float32, device=device)

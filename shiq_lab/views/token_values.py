@@ -38,7 +38,8 @@ import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shiq_lab.data.inspect import EncodedResponse, Prompt, Response, encode_responses, pad_batch
+from shiq_lab.data.batch import batch_responses, pad_token_id
+from shiq_lab.data.encode import EncodedResponse, Prompt, Response, encode_responses
 from shiq_lab.losses import shiq_loss
 
 __all__ = [
@@ -181,14 +182,15 @@ def _resolve_reference(model: torch.nn.Module, reference: Any) -> Any:
 def resolve_rewards(rewards: Rewards, encoded: Sequence[EncodedResponse]) -> list[np.ndarray]:
     """Per-response token rewards (0 on environment tokens) from any accepted form.
 
-    ``None``: 0 everywhere. A number, or one number per response: a sequence score on the last
-    policy token. One sequence per response: per-token rewards (length = response tokens). A
-    callable ``fn(token_ids) -> per-token rewards``, called on each response's tokens.
+    ``None``: the encoding's own rewards (a chat message's ``reward``, as in training; else 0). A
+    number, or one number per response: a sequence score on the last policy token. One sequence
+    per response: per-token rewards (length = response tokens). A callable
+    ``fn(token_ids) -> per-token rewards``, called on each response's tokens.
     """
     n = len(encoded)
     out: list[np.ndarray] = []
     if rewards is None:
-        return [np.zeros(e.n_rows) for e in encoded]
+        return [np.asarray(e.rewards, dtype=np.float64) for e in encoded]
     if callable(rewards):
         per = [np.asarray(rewards(e.row_ids), dtype=np.float64) for e in encoded]
     elif isinstance(rewards, (int, float)):
@@ -244,7 +246,7 @@ def _score(
     """Yield (first response index of the batch, flat per-state arrays) batch by batch."""
     for b0 in range(0, len(encoded), batch_size):
         group = encoded[b0 : b0 + batch_size]
-        batch = pad_batch(group, pad_id)
+        batch = batch_responses(group, pad_id)
         rb, rt = torch.nonzero(batch.rows, as_tuple=True)  # row-major: response by response, in order
         actions = batch.actions[rb, rt].to(policy.device)
         pol = policy.states(batch.input_ids, batch.attention_mask, rb, rt)
@@ -302,11 +304,6 @@ def _check_sizes(beta: float, top_k: int, batch_size: int, chunk_tokens: int) ->
         raise ValueError(f"batch_size={batch_size}, chunk_tokens={chunk_tokens}: both must be >= 1")
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
-
-
 def token_values(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -334,7 +331,7 @@ def token_values(
         reference: see the module docstring (second model, ``model`` itself, None for a peft
             model's base, or :class:`ReferenceStats`).
         beta: KL weight; Q, V, A and the residual are in reward units.
-        rewards: see :func:`resolve_rewards` (default 0).
+        rewards: see :func:`resolve_rewards` (default: the chat messages' ``reward`` values, else 0).
         top_k: alternatives kept per position, by policy probability.
         horizon: residual horizon, as in :func:`shiq_lab.losses.shiq_loss` (None: full path).
         batch_size: responses per forward pass; chunk_tokens: states per output-head chunk.
@@ -355,7 +352,7 @@ def token_values(
     policy = _LogitSource(model)
     flats = []
     with eval_mode(model, ref.model if isinstance(ref, _LogitSource) else None):
-        for b0, flat in _score(policy, ref, encoded, _pad_id(tokenizer), top_k=top_k, batch_size=batch_size,
+        for b0, flat in _score(policy, ref, encoded, pad_token_id(tokenizer), top_k=top_k, batch_size=batch_size,
                                chunk_tokens=chunk_tokens):
             if isinstance(ref, ReferenceStats):
                 idx = list(range(b0, min(b0 + batch_size, len(encoded))))
@@ -469,7 +466,7 @@ def reference_stats(
     source = _LogitSource(reference)
     stats = ReferenceStats([], [], [], [], [])
     with eval_mode(reference):
-        for b0, flat in _score(source, None, encoded, _pad_id(tokenizer), top_k=candidates, batch_size=batch_size,
+        for b0, flat in _score(source, None, encoded, pad_token_id(tokenizer), top_k=candidates, batch_size=batch_size,
                                chunk_tokens=chunk_tokens):
             group = encoded[b0 : b0 + batch_size]
             splits = np.cumsum([e.n_rows for e in group])[:-1]
