@@ -59,7 +59,7 @@ from benchmarks.common import (
     add_common_args,
     check_common_args,
     fmt_bytes,
-    importable,
+    import_error,
     iqr_text,
     lm_head_flop_share,
     markdown_table,
@@ -216,8 +216,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device, clock, machine = start_run(args.threads, args.device, args.clock)
     seq_len = args.prompt_len + args.completion_len
     configs = list(args.configs)
-    if any(c.startswith("dpo") for c in configs) and not importable("trl"):
-        print("trl is not installed (pip install '.[peers]'): skipping the DPO configurations", flush=True)
+    skipped: dict[str, str] = {}
+    trl_error = import_error("trl", "DPOConfig", "DPOTrainer") if any(c.startswith("dpo") for c in configs) else None
+    if trl_error:
+        print(f"trl does not import here ({trl_error}; pip install '.[peers]'): skipping the DPO configurations",
+              flush=True)
+        skipped = {c: trl_error for c in configs if c.startswith("dpo")}
         configs = [c for c in configs if not c.startswith("dpo")]
     with tempfile.TemporaryDirectory(prefix="bench-train-model-") as model_dir:
         n_params = save_model(args.preset, model_dir, max_positions=seq_len, seed=args.seed)
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"preset": args.preset, "model": model, "batch": args.batch, "prompt_len": args.prompt_len,
                      "completion_len": args.completion_len, "rounds": args.rounds, "warmup": args.warmup,
                      "threads": args.threads, "dtype": "bf16 autocast" if args.bf16 else "float32", "beta": BETA,
-                     "configs": configs,
+                     "configs": configs, "skipped_configs": skipped,
                      "full_logits_fp32_bytes": args.batch * seq_len * PRESETS[args.preset]["vocab_size"] * 4},
         "peak_tflops": peak, "peak_source": peak_source,
         "headline": headline,

@@ -50,6 +50,7 @@ __all__ = [
     "check_common_args",
     "fmt_bytes",
     "ids_to_text",
+    "import_error",
     "importable",
     "interleaved_times",
     "iqr_text",
@@ -377,6 +378,20 @@ def importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
         return False
+
+
+def import_error(module: str, *names: str) -> str | None:
+    """None when ``module`` (and ``names`` from it) imports here, else why not (missing, or broken against this
+    environment, e.g. a peer built for another transformers): peers are checked before a benchmark relies on them."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+        for name in names:
+            getattr(mod, name)
+    except Exception as err:  # noqa: BLE001 -- any failure means: skip this peer, say why
+        return f"{type(err).__name__}: {err}"[:300]
+    return None
 
 
 def versions(modules: Iterable[str] = ("torch", "transformers", "trl", "accelerate", "datasets")) -> dict[str, str]:

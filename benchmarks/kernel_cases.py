@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from benchmarks.common import (
     CLOCKS,
     fmt_bytes,
-    importable,
+    import_error,
     interleaved_times,
     markdown_table,
     measure_memory,
@@ -132,8 +132,16 @@ def liger_flce(p: Problem) -> torch.Tensor:
 
 
 def liger_available(device: torch.device) -> bool:
-    """Liger's kernel runs here: CUDA and ``liger_kernel`` importable."""
-    return device.type == "cuda" and importable("liger_kernel")
+    """Liger's kernel runs here: CUDA, ``liger_kernel`` imports, and one tiny forward + backward works (Triton)."""
+    if device.type != "cuda" or import_error("liger_kernel.transformers", "LigerFusedLinearCrossEntropyLoss"):
+        return False
+    try:
+        p = make_problem(1, 16, 64, 256, dtype=torch.bfloat16, device=device)
+        liger_flce(p).backward()
+    except Exception as err:  # noqa: BLE001 -- a broken peer is skipped with its reason, not a failed benchmark
+        print(f"Liger's kernel fails here: {type(err).__name__}: {err}"[:400], flush=True)
+        return False
+    return True
 
 
 #: the floor of time(ShiQ fused) / time(fused cross-entropy), trained output layer: 4 output-layer

@@ -175,3 +175,9 @@ def test_scaling_quick(tmp_path):
                 assert _positive(r["configs"][c]["step_memory"]["peak_bytes"])
         # the naive kernel's memory grows in proportion to T*V (slope 1 in T and in V)
         assert payload["slopes"]["kernel"][key]["shiq_naive"]["peak_memory"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_a_peer_that_does_not_import_is_named_not_fatal():
+    assert common.import_error("json", "dumps") is None
+    assert common.import_error("no_such_module_xyz").startswith("ModuleNotFoundError")
+    assert common.import_error("json", "no_such_name").startswith("AttributeError")
