@@ -230,7 +230,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     bf16=args.bf16, threads=args.threads, seed=args.seed, measure_memory=not args.no_memory,
                     profile=args.profile)
         specs = {c: {**base, "config": c} for c in configs}
-        times, reports = run_lockstep(specs, rounds=args.rounds, warmup=args.warmup)
+        failed: dict[str, str] = {}
+        times, reports = run_lockstep(specs, rounds=args.rounds, warmup=args.warmup, failed=failed)
+    for name, err in failed.items():
+        print(f"{name} failed its set-up and is left out:\n{err}", flush=True)
+        skipped[name] = err
+        configs.remove(name)
+    if "shiq" not in reports:
+        raise RuntimeError(f"the ShiQ configuration failed its set-up: {failed.get('shiq')}")
     tokens = {c: r["tokens_per_step"] for c, r in reports.items()}
     if len(set(tokens.values())) != 1:
         raise RuntimeError(f"the trainers did not process equal tokens per step: {tokens}")

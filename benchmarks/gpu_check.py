@@ -351,6 +351,8 @@ def build_markdown(receipt: dict[str, Any]) -> str:
               "MFU": f"{100 * c['mfu']:.1f}%" if c.get("mfu") is not None else "n/a",
               "CUDA max allocated": fmt_bytes(c.get("cuda_max_allocated_bytes", -1))} for n, c in configs.items()],
             ["trainer", "tokens/s", "tokens/s [quartiles]", "MFU", "CUDA max allocated"])]
+        for name, why in ((train.get("settings") or {}).get("skipped_configs") or {}).items():
+            lines += ["", f"Left out: {name}: {why.strip().splitlines()[-1][:300] if why.strip() else '?'}"]
     for name, p in (train.get("profiles") or {}).items():
         lines += ["", f"### Where a {name} step's time goes ({p['clock']}, total {p['total_ms']:.1f} ms)", "",
                   markdown_table([{"op": o["op"][:60], "ms": f"{o['ms']:.2f}", "share": f"{100 * o['share']:.1f}%",

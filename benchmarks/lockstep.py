@@ -281,7 +281,10 @@ def _context() -> mp.context.BaseContext:
 class LockstepWorkers:
     """One process per configuration, set up side by side, then stepped one at a time by :meth:`step`."""
 
-    def __init__(self, specs: dict[str, dict[str, Any]], *, timeout_s: float = 1800.0):
+    def __init__(self, specs: dict[str, dict[str, Any]], *, timeout_s: float = 1800.0,
+                 failed: dict[str, str] | None = None):
+        """``failed``: where given, a configuration that fails its set-up is dropped and its error recorded
+        there (the others go on); otherwise any failure raises."""
         ctx = _context()
         self.timeout_s = timeout_s
         self.conns: dict[str, Any] = {}
@@ -295,7 +298,14 @@ class LockstepWorkers:
             self.conns[name], self.procs[name] = parent, proc
         try:
             for name in specs:
-                self.ready[name] = self._recv(name)
+                try:
+                    self.ready[name] = self._recv(name)
+                except (RuntimeError, TimeoutError) as err:
+                    if failed is None:
+                        raise
+                    failed[name] = str(err)[-2000:]
+                    self.conns.pop(name).close()
+                    self.procs.pop(name).terminate()
         except BaseException:
             self.close()
             raise
@@ -338,17 +348,21 @@ class LockstepWorkers:
 
 
 def run_lockstep(specs: dict[str, dict[str, Any]], *, rounds: int, warmup: int, rotate: bool = True,
-                 log: bool = True) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]]]:
+                 log: bool = True, failed: dict[str, str] | None = None
+                 ) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, Any]]]:
     """Step the configurations of ``specs`` (each with ``steps = warmup + rounds``) interleaved.
 
     Returns ``(times, reports)``: per configuration, the post-warm-up seconds on each clock, and
-    the process's final report (memory, losses, profile).
+    the process's final report (memory, losses, profile). With ``failed`` (a dict), configurations
+    whose set-up fails are left out and their errors recorded there.
     """
-    names = list(specs)
     for name, spec in specs.items():
         if spec["steps"] != warmup + rounds:
             raise ValueError(f"{name}: steps={spec['steps']} must equal warmup + rounds = {warmup + rounds}")
-    workers = LockstepWorkers(specs)
+    workers = LockstepWorkers(specs, failed=failed)
+    names = list(workers.conns)
+    if not names:
+        raise RuntimeError(f"every configuration failed its set-up: {failed}")
     times: dict[str, dict[str, list[float]]] = {n: {c: [] for c in CLOCKS} for n in names}
     try:
         for r in range(warmup + rounds):

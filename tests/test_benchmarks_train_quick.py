@@ -181,3 +181,18 @@ def test_a_peer_that_does_not_import_is_named_not_fatal():
     assert common.import_error("json", "dumps") is None
     assert common.import_error("no_such_module_xyz").startswith("ModuleNotFoundError")
     assert common.import_error("json", "no_such_name").startswith("AttributeError")
+
+
+@pytest.mark.slow
+def test_a_configuration_that_fails_its_setup_is_left_out(tmp_path):
+    model_dir = tmp_path / "model"
+    common.save_model("quick", model_dir, max_positions=32)
+    base = {"model_dir": str(model_dir), "batch": 2, "prompt_len": 4, "completion_len": 8, "steps": 2, "device": "cpu",
+            "bf16": False, "threads": 1, "seed": 0, "measure_memory": False, "profile": False}
+    specs = {"shiq": {**base, "config": "shiq"}, "broken": {**base, "config": "no-such-trainer"}}
+    failed: dict[str, str] = {}
+    times, reports = lockstep.run_lockstep(specs, rounds=1, warmup=1, log=False, failed=failed)
+    assert set(reports) == {"shiq"} and len(times["shiq"]["cpu_s"]) == 1
+    assert set(failed) == {"broken"} and "unknown configuration 'no-such-trainer'" in failed["broken"]
+    with pytest.raises(RuntimeError, match="no-such-trainer"):  # without ``failed``: strict
+        lockstep.run_lockstep({"broken": specs["broken"]}, rounds=1, warmup=1, log=False)
