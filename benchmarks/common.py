@@ -214,7 +214,10 @@ def iqr_text(r: Mapping[str, float]) -> str:
 def _cpu_memory(fn: Callable[[], Any]) -> dict[str, int]:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    from shiq_lab.infra.runtime import quiet_native_stderr
+
+    # quiet: the CPU profiler prints 'USDT: ... profiler_start / profiler_stop' to stderr around every block
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # the raw allocation events (the aggregated event list folds them into operators)
     try:
@@ -262,9 +265,12 @@ def profile_table(fn: Callable[[], Any], device: torch.device, rows: int = 15) -
     self device (kernel) time. Returns ``{"clock", "total_ms", "top_ops": [{"op", "ms", "share", "calls"}]}``."""
     from torch.profiler import ProfilerActivity, profile
 
+    from shiq_lab.infra.runtime import quiet_native_stderr
+
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
+    # quiet: the CPU profiler prints 'USDT: ... profiler_start / profiler_stop' to stderr around every block
+    with quiet_native_stderr(), profile(activities=activities) as prof:
         fn()
         synchronize(device)
 

@@ -101,6 +101,7 @@ def _assert_two_equal_one(tmp_path, loss_type: str) -> None:
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, loss_type):
     proc = _launch(tmp_path, "ddp", loss_type)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "find_unused_parameters" not in proc.stderr  # no DDP warning at every step
     _assert_two_equal_one(tmp_path, loss_type)
 
 

@@ -62,8 +62,9 @@ def chromium_path() -> str | None:
     return None
 
 
-def _png_renderer():
-    """A PNG renderer that starts one kaleido browser on first use and never breaks a notebook."""
+def _png_renderer(browser: str | None = None):
+    """A PNG renderer that starts one kaleido browser (``browser``: its executable) on first use and never
+    breaks a notebook."""
     from plotly.io._base_renderers import PngRenderer
 
     class LazyServerPng(PngRenderer):
@@ -78,7 +79,8 @@ def _png_renderer():
 
                 if not LazyServerPng.started:
                     # One browser for all figures of the session (~0.3 s a figure instead of ~4 s).
-                    kaleido.start_sync_server(silence_warnings=True)
+                    # the browser's path goes to kaleido directly: the process environment stays the caller's
+                    kaleido.start_sync_server(silence_warnings=True, **({"path": browser} if browser else {}))
                     atexit.register(kaleido.stop_sync_server, silence_warnings=True)
                     LazyServerPng.started = True
                 with warnings.catch_warnings():
@@ -128,8 +130,6 @@ def configure_plotly(*, png: bool | None = None) -> str:
     import plotly.io as pio
 
     browser = chromium_path()
-    if browser:
-        os.environ.setdefault("BROWSER_PATH", browser)  # where kaleido (choreographer) looks first
     if png is None:
         try:
             import kaleido  # noqa: F401
@@ -139,7 +139,7 @@ def configure_plotly(*, png: bool | None = None) -> str:
             png = False
     pio.templates.default = "plotly_white"
     if png:
-        pio.renderers["shiq_png"] = _png_renderer()
+        pio.renderers["shiq_png"] = _png_renderer(browser)
         pio.renderers.default = "plotly_mimetype+shiq_png"
     elif _in_kernel():
         pio.renderers["shiq_html"] = _html_renderer()

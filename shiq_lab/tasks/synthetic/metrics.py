@@ -16,6 +16,7 @@ The identity J_beta(pi*) - J_beta(pi) = beta * KL(pi || pi*) (sequence level, ex
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -84,7 +85,7 @@ def sequences_to_target(sizes: list[int], scores: list[float], target: float = 0
     """
     if len(sizes) != len(scores) or not sizes:
         raise ValueError(f"sizes ({len(sizes)}) and scores ({len(scores)}) must be non-empty and of equal length")
-    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+    if any(b <= a for a, b in itertools.pairwise(sizes)):
         raise ValueError(f"sizes={sizes}: must be strictly increasing")
     finite = [s if math.isfinite(s) else -math.inf for s in scores]
     for size, score in zip(sizes, finite):
