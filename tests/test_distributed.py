@@ -62,8 +62,7 @@ def _launch(tmp_path, engine: str, loss_type: str) -> subprocess.CompletedProces
         launch = ["--multi_gpu", *common, "--dynamo_backend", "no", "-m", "shiq_lab.cli"]
     else:
         launch = ["--config_file", FSDP_CONFIG, *common, FSDP_SHIM]
-    extra = ["--ddp_find_unused_parameters", "false"] if loss_type == "dro" and engine == "ddp" else []
-    cmd = [accelerate, "launch", *launch, "train", *_args(tmp_path, "two", 2, loss_type), *extra]
+    cmd = [accelerate, "launch", *launch, "train", *_args(tmp_path, "two", 2, loss_type)]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=220)
 
 
@@ -118,8 +117,8 @@ def test_fsdp_full_shard_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason="ShiQTrainer._save writes the DRO value head from head.state_dict(): under "
-                   "FSDP those are sharded DTensors (safetensors: 'invalid python storage'); it must gather them "
+@pytest.mark.xfail(strict=True, reason="shiq_lab.lm.value_head.save_value_head writes the DRO value head from its "
+                   "state_dict(): under FSDP those are sharded DTensors (safetensors: 'invalid python storage'); it must gather them "
                    "(DTensor.full_tensor() on every rank) before the main process writes")
 def test_fsdp_dro_value_head_two_processes_match_one_process(tmp_path):
     proc = _launch(tmp_path, "fsdp", "dro")
@@ -130,9 +129,9 @@ def test_fsdp_dro_value_head_two_processes_match_one_process(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ddp_dro_value_head_two_processes_match_one_process(tmp_path):
-    """DDP needs ``ddp_find_unused_parameters=False`` for DRO: the value head runs outside the wrapped model's
-    forward, so with transformers' default (True when gradient checkpointing is off) DDP marks its parameters
-    ready twice and fails ('Expected to mark a variable ready only once')."""
+    """The DRO value head under DDP: it runs outside the wrapped model's forward, so with transformers' default
+    ``ddp_find_unused_parameters=True`` DDP marks its parameters ready twice and fails ('Expected to mark a
+    variable ready only once'); ShiQConfig's default (False) is what makes this pass."""
     proc = _launch(tmp_path, "ddp", "dro")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_two_equal_one(tmp_path, "dro")
