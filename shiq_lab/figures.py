@@ -24,7 +24,7 @@ import atexit
 import os
 import shutil
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,16 +34,16 @@ from plotly.subplots import make_subplots
 from .views.style import DIVERGING, ENV_COLOUR, SEQUENTIAL, format_beta, responsive
 
 __all__ = [
+    "NON_NEGATIVE",
     "QUANTITIES",
     "chromium_path",
+    "colour_of",
     "configure_plotly",
     "display_token",
-    "NON_NEGATIVE",
-    "colour_of",
     "token_html",
     "token_strip",
-    "value_lines",
     "topk_bars",
+    "value_lines",
 ]
 
 #: quantity column -> label used in figures
@@ -91,7 +91,7 @@ def _svg_renderer():
         failed = False
         started = False
 
-        def to_mimebundle(self, fig_dict):  # noqa: ANN001 (plotly's signature)
+        def to_mimebundle(self, fig_dict):
             if LazyServerSvg.failed:
                 return {}
             try:
@@ -107,7 +107,7 @@ def _svg_renderer():
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="The kopts argument is ignored")
                     return super().to_mimebundle(fig_dict)
-            except Exception as err:  # a static copy is a convenience: the interactive figure still shows
+            except Exception as err:  # noqa: BLE001 -- a static copy is a convenience: the interactive figure still shows
                 LazyServerSvg.failed = True
                 warnings.warn(f"static copies of figures are off ({type(err).__name__}: {err}); interactive figures "
                               "are unaffected", stacklevel=2)
@@ -122,7 +122,7 @@ def _html_renderer():
     from plotly.io._base_renderers import NotebookRenderer
 
     class OfflineHtml(NotebookRenderer):
-        def to_mimebundle(self, fig_dict):  # noqa: ANN001 (plotly's signature)
+        def to_mimebundle(self, fig_dict):
             html = to_html(fig_dict, config=self.config, include_plotlyjs=False, include_mathjax=False,
                            full_html=False, default_width="100%", default_height=525, validate=False)
             return {"text/html": html}
@@ -221,13 +221,13 @@ def _layout_lines(rows: pd.DataFrame, tokens_per_line: int) -> tuple[np.ndarray,
     return np.asarray(line), np.asarray(col), labels
 
 
-def _scale(values: np.ndarray, quantity: str, zmax: float | None) -> tuple[float, float, str]:
+def _scale(values: np.ndarray, quantity: str, zmax: float | None, signed: bool | None = None) -> tuple[float, float, str]:
     """(cmin, cmax, colorscale) of ``quantity``: from 0 for non-negative ones, symmetric about 0 otherwise."""
     finite = values[np.isfinite(values)]
     if zmax is None:
         top = float(np.abs(finite).max()) if finite.size else 0.0
         zmax = top if top > 0 else 1.0
-    if quantity in NON_NEGATIVE:
+    if quantity in NON_NEGATIVE and not signed:
         return 0.0, (1.0 if quantity == "prob" else zmax), SEQUENTIAL
     return -zmax, zmax, DIVERGING
 
@@ -240,7 +240,8 @@ def colour_of(value: float, cmin: float, cmax: float, colorscale: str) -> str:
         return _ENV_COLOUR
     x = float(np.clip((value - cmin) / (cmax - cmin), 0.0, 1.0)) if cmax > cmin else 0.5
     rgb = sample_colorscale(get_colorscale(colorscale), [x], colortype="tuple")[0]
-    return "#%02x%02x%02x" % tuple(int(round(255 * c)) if c <= 1 else int(round(c)) for c in rgb)
+    r, g, b = (round(255 * c) if c <= 1 else round(c) for c in rgb)
+    return f"#{r:02x}{g:02x}{b:02x}"
 
 
 def token_strip(
@@ -252,13 +253,15 @@ def token_strip(
     tokens_per_line: int = 12,
     zmax: float | None = None,
     title: str | None = None,
+    signed: bool | None = None,
 ) -> go.Figure:
     """Responses as coloured token grids for one quantity, side by side on one colour scale.
 
     ``responses`` picks which responses (default: all, in order), ``titles`` names them. Signed
     quantities use a diverging scale centred on 0 over ``±zmax`` (default: the largest |value|
     shown); KL and probabilities a sequential one from 0 (to ``zmax``; probabilities to 1).
-    Environment tokens are grey, distinct from the scale's colour of 0.
+    Environment tokens are grey, distinct from the scale's colour of 0. ``signed=True`` forces the
+    diverging scale (differences of KL between two checkpoints are signed).
     """
     _check_frame(df, quantity)
     responses = list(dict.fromkeys(df["response"])) if responses is None else list(responses)
@@ -271,7 +274,7 @@ def token_strip(
     if len(titles) != len(responses):
         raise ValueError(f"{len(titles)} titles for {len(responses)} responses")
     shown = df[df["response"].isin(responses) & df["is_policy"]][quantity].to_numpy(dtype=float)
-    cmin, cmax, colorscale = _scale(shown, quantity, zmax)
+    cmin, cmax, colorscale = _scale(shown, quantity, zmax, signed)
 
     fig = make_subplots(rows=1, cols=len(responses), subplot_titles=[_short(t, 60) for t in titles],
                         horizontal_spacing=0.07)
@@ -295,8 +298,8 @@ def token_strip(
                 z[line[i], col[i]] = values[i]
             else:
                 z_env[line[i], col[i]] = 0.0
-        common = dict(text=text, texttemplate="%{text}", hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
-                      xgap=2, ygap=2, textfont={"size": 13})
+        common = {"text": text, "texttemplate": "%{text}", "hovertext": hover, "hovertemplate": "%{hovertext}<extra></extra>",
+                      "xgap": 2, "ygap": 2, "textfont": {"size": 13}}
         fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", name=f"{titles[k - 1]}: {quantity}", **common), 1, k)
         if np.isfinite(z_env).any():
             fig.add_trace(go.Heatmap(z=z_env, colorscale=[[0, _ENV_COLOUR], [1, _ENV_COLOUR]], showscale=False,
@@ -309,7 +312,7 @@ def token_strip(
     fig.update_yaxes(range=[max_lines - 0.5, -0.5])
     scale = {"colorscale": colorscale, "cmin": cmin, "cmax": cmax,
              "colorbar": {"title": {"text": QUANTITIES[quantity], "side": "right"}, "thickness": 14}}
-    if quantity not in NON_NEGATIVE:
+    if colorscale == DIVERGING:
         scale["cmid"] = 0.0
     fig.update_layout(
         coloraxis=scale,
@@ -332,6 +335,7 @@ def token_html(
     titles: Sequence[str] | None = None,
     zmax: float | None = None,
     caption: str = "",
+    signed: bool | None = None,
 ) -> str:
     """The token strip as static HTML: each response's tokens inline, coloured like :func:`token_strip`.
 
@@ -344,8 +348,8 @@ def token_html(
     responses = list(dict.fromkeys(df["response"])) if responses is None else list(responses)
     titles = list(titles) if titles is not None else [f"response {r}" for r in responses]
     shown = df[df["response"].isin(responses) & df["is_policy"]][quantity].to_numpy(dtype=float)
-    cmin, cmax, colorscale = _scale(shown, quantity, zmax)
-    parts = [f"<div class='shiq-static-strip' style='font-family:monospace;font-size:14px;line-height:1.9'>"]
+    cmin, cmax, colorscale = _scale(shown, quantity, zmax, signed)
+    parts = ["<div class='shiq-static-strip' style='font-family:monospace;font-size:14px;line-height:1.9'>"]
     if caption:
         parts.append(f"<div style='font-family:sans-serif;font-size:13px;color:#444'>{html.escape(caption)}</div>")
     parts.append(f"<div style='font-family:sans-serif;font-size:12px;color:#444'>{html.escape(QUANTITIES[quantity])}: "
@@ -400,7 +404,7 @@ def topk_bars(df: pd.DataFrame, response: int = 0, step: int = 0) -> go.Figure:
     if rows.empty:
         raise ValueError(f"no row for response={response}, step={step}")
     row = rows.iloc[0]
-    ids = list(int(i) for i in row["topk_ids"])
+    ids = [int(i) for i in row["topk_ids"]]
     labels = [display_token(t) for t in row["topk_tokens"]]
     q = list(np.asarray(row["topk_q"], dtype=float))
     p = list(np.asarray(row["topk_prob"], dtype=float))

@@ -1,10 +1,10 @@
 """Figures show the frame's numbers where they belong: cells, lines, bars, colour scale, offline renderers."""
 
-import base64
 
 import numpy as np
 import plotly.io as pio
 import pytest
+from tiny_pair import tiny_policy_and_reference
 
 from shiq_lab.figures import (
     NON_NEGATIVE,
@@ -20,7 +20,6 @@ from shiq_lab.figures import (
 )
 from shiq_lab.rewards import word_reward
 from shiq_lab.token_values import token_values
-from tiny_pair import tiny_policy_and_reference
 
 PROMPT = [{"role": "user", "content": "was the movie good?"}]
 MULTI_TURN = [

@@ -11,11 +11,27 @@ import math
 import pandas as pd
 import plotly.graph_objects as go
 
-from ..views.style import DIVERGING, by_drawing_order, format_beta, log_ticks, method_style, responsive, trace_style
+from ..views.style import (
+    DIVERGING,
+    by_drawing_order,
+    format_beta,
+    log_ticks,
+    method_style,
+    responsive,
+    trace_style,
+)
 from .report import _over_tasks, efficiency_curves, mean_curves
 
-__all__ = ["headline_frame", "headline_figure", "learning_curves_figure", "efficiency_figure", "frontier_figure",
-           "frontier_frame", "findings_frame", "KEY_NUMBER_TEXT"]
+__all__ = [
+    "KEY_NUMBER_TEXT",
+    "efficiency_figure",
+    "findings_frame",
+    "frontier_figure",
+    "frontier_frame",
+    "headline_figure",
+    "headline_frame",
+    "learning_curves_figure",
+]
 
 _FLOOR = -1.0  # normalised returns below this (far worse than pi_ref) are drawn at the floor
 

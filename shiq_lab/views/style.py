@@ -11,26 +11,27 @@ of non-negative quantities (KL, probabilities), :data:`DIVERGING` that of signed
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 
 __all__ = [
     "DIVERGING",
     "ENV_COLOUR",
+    "LEGEND_BELOW",
     "METHOD_STYLES",
-    "MethodStyle",
     "SEQUENTIAL",
     "SHIQ",
+    "MethodStyle",
     "by_drawing_order",
     "format_beta",
     "log_ticks",
     "method_style",
     "responsive",
-    "trace_style",
     "template",
-    "LEGEND_BELOW",
+    "trace_style",
 ]
 
 #: colour scale of quantities that are never negative (KL, probabilities): white to dark blue
