@@ -15,6 +15,7 @@ from shiq_lab.evaluation import (
     CheckpointSpec,
     evaluate_policy,
     find_checkpoints,
+    frontier_summary,
     pareto_mask,
     plot_frontier,
     save_frontier,
@@ -144,10 +145,16 @@ def test_save_and_plot_frontier(tmp_path):
     assert paths["html"].exists() and (tmp_path / "f" / "plotly.min.js").exists()
     fig = plot_frontier(frame)
     names = [t.name for t in fig.data]
-    assert names == ["dpo β=0.5", "shiq β=0.1", "reference"]
+    assert names == ["dpo β=0.5", "shiq β=0.1", "reference"]  # ShiQ drawn after (on top of) the other losses
     shiq = fig.data[1]
     # each run's line starts at the reference point and follows its checkpoints in step order
     assert list(shiq.x) == [0.0, 1.1, 2.1] and list(shiq.y) == [0.5, 0.6, 0.7]
+    assert list(shiq.text) == ["", "step 10", "β=0.1, step 20"]  # points carry their step, the last one its beta
+    assert shiq.line.color == shiq.marker.color == "#d62728" and shiq.zorder > fig.data[0].zorder
+    assert fig.layout.legend.orientation == "h" and fig.layout.autosize and fig.layout.width is None
+    table = frontier_summary(frame)
+    assert list(table["run"]) == ["reference", "shiq β=0.1", "shiq β=0.1", "dpo β=0.5"]
+    assert table["reward"][1] == "0.600 ± 0.010" and len(table.columns) == 6
     with pytest.raises(ValueError, match="kl="):
         plot_frontier(frame, kl="kl")
 
