@@ -250,12 +250,12 @@ def token_strip(
     *,
     responses: Sequence[int] | None = None,
     titles: Sequence[str] | None = None,
-    tokens_per_line: int = 12,
+    tokens_per_line: int = 8,
     zmax: float | None = None,
     title: str | None = None,
     signed: bool | None = None,
 ) -> go.Figure:
-    """Responses as coloured token grids for one quantity, side by side on one colour scale.
+    """Responses as coloured token grids for one quantity, one above the other, on one colour scale.
 
     ``responses`` picks which responses (default: all, in order), ``titles`` names them. Signed
     quantities use a diverging scale centred on 0 over ``±zmax`` (default: the largest |value|
@@ -276,15 +276,16 @@ def token_strip(
     shown = df[df["response"].isin(responses) & df["is_policy"]][quantity].to_numpy(dtype=float)
     cmin, cmax, colorscale = _scale(shown, quantity, zmax, signed)
 
-    fig = make_subplots(rows=1, cols=len(responses), subplot_titles=[_short(t, 60) for t in titles],
-                        horizontal_spacing=0.07)
-    max_lines = 1
+    # one panel per response, stacked: each gets the full width, so the token text stays inside its cell
+    laid = [(_layout_lines(df[df["response"] == r].sort_values("step"), tokens_per_line)) for r in responses]
+    n_lines = [int(line.max()) + 1 for line, _, _ in laid]
+    fig = make_subplots(rows=len(responses), cols=1, subplot_titles=[_short(t, 90) for t in titles],
+                        vertical_spacing=min(0.3, 60 / (80 + 38 * sum(n_lines) + 60 * len(responses))),
+                        row_heights=[float(n) for n in n_lines])
     for k, r in enumerate(responses, start=1):
         rows = df[df["response"] == r].sort_values("step")
-        line, col, labels = _layout_lines(rows, tokens_per_line)
-        n_lines = int(line.max()) + 1
-        max_lines = max(max_lines, n_lines)
-        shape = (n_lines, tokens_per_line)
+        line, col, labels = laid[k - 1]
+        shape = (n_lines[k - 1], tokens_per_line)
         z = np.full(shape, np.nan)
         z_env = np.full(shape, np.nan)
         text = np.full(shape, "", dtype=object)
@@ -299,24 +300,22 @@ def token_strip(
             else:
                 z_env[line[i], col[i]] = 0.0
         common = {"text": text, "texttemplate": "%{text}", "hovertext": hover, "hovertemplate": "%{hovertext}<extra></extra>",
-                      "xgap": 2, "ygap": 2, "textfont": {"size": 13}}
-        fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", name=f"{titles[k - 1]}: {quantity}", **common), 1, k)
+                  "xgap": 2, "ygap": 2, "textfont": {"size": 13}}
+        fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", name=f"{titles[k - 1]}: {quantity}", **common), k, 1)
         if np.isfinite(z_env).any():
             fig.add_trace(go.Heatmap(z=z_env, colorscale=[[0, _ENV_COLOUR], [1, _ENV_COLOUR]], showscale=False,
-                                     zmin=0, zmax=1, name=f"{titles[k - 1]}: environment", **common), 1, k)
+                                     zmin=0, zmax=1, name=f"{titles[k - 1]}: environment", **common), k, 1)
         fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, tokens_per_line - 0.5],
-                         row=1, col=k)
-        fig.update_yaxes(showgrid=False, zeroline=False, tickmode="array", tickvals=list(range(n_lines)),
-                         ticktext=labels, row=1, col=k)
-    # same line height in every panel: each y axis spans the longest response's lines, top to bottom
-    fig.update_yaxes(range=[max_lines - 0.5, -0.5])
+                         row=k, col=1)
+        fig.update_yaxes(showgrid=False, zeroline=False, tickmode="array", tickvals=list(range(n_lines[k - 1])),
+                         ticktext=labels, range=[n_lines[k - 1] - 0.5, -0.5], row=k, col=1)
     scale = {"colorscale": colorscale, "cmin": cmin, "cmax": cmax,
              "colorbar": {"title": {"text": QUANTITIES[quantity], "side": "right"}, "thickness": 14}}
     if colorscale == DIVERGING:
         scale["cmid"] = 0.0
     fig.update_layout(
         coloraxis=scale,
-        height=130 + 38 * max_lines, margin={"l": 70, "r": 20, "t": 60, "b": 20},
+        height=80 + 38 * sum(n_lines) + 60 * len(responses), margin={"l": 70, "r": 20, "t": 70, "b": 20},
         title={"text": title or f"{QUANTITIES[quantity]} per token (β={format_beta(df.attrs.get('beta', float('nan')))}); "
                                 "grey: environment tokens", "font": {"size": 14}},
     )
