@@ -399,7 +399,7 @@ def plot_frontier(frame: pd.DataFrame, *, kl: str = "kl_states_mean", title: str
             style["line"].update(width=2 if loss_type == "shiq" else 1.5,
                                  dash=_DASHES[betas.index(beta) % len(_DASHES)] if beta in betas else "solid")
             fig.add_trace(go.Scatter(
-                x=g[kl], y=g["reward_mean"], legendgroup=loss_type, text=text, textposition="top center",
+                x=g[kl], y=g["reward_mean"], legendgroup=loss_type, text=text, textposition="top center", cliponaxis=False,
                 textfont={"size": 10, "color": method_style(loss_type).colour},
                 error_x={"type": "data", "array": g[sem], "thickness": 1},
                 error_y={"type": "data", "array": g["reward_sem"], "thickness": 1},

@@ -293,8 +293,8 @@ class TokenValueExplorer(widgets.VBox):
         q = QUANTITIES[self.quantity.value]
         beta = format_beta(self.beta.value)
         if self.compare.value:
-            return f"Δ {q}: {self.checkpoint.value} minus {self.compare.value} (β={beta}); grey: environment tokens"
-        return f"{q} per token, {self.checkpoint.value} (β={beta}); grey: environment tokens"
+            return f"Δ {q} (β={beta})<br><sup>{self.checkpoint.value} minus {self.compare.value}; grey: environment tokens</sup>"
+        return f"{q} per token (β={beta})<br><sup>checkpoint {self.checkpoint.value}; grey: environment tokens</sup>"
 
     def _build_picker(self) -> None:
         self.token_buttons = []
@@ -364,7 +364,8 @@ class TokenValueExplorer(widgets.VBox):
 
         if self.shown is None:
             return HTML("<i>the explorer has nothing scored yet</i>")
-        caption = (f"Static snapshot of the explorer (row {self.row.label}; {self._strip_title()}). "
+        what = self._strip_title().replace("<br><sup>", "; ").replace("</sup>", "")
+        caption = (f"Static snapshot of the explorer (row {self.row.label}; {what}). "
                    "The interactive explorer above needs a running kernel.")
         return HTML(token_html(self.shown, self.quantity.value, titles=self._titles(), caption=caption,
                                signed=bool(self.compare.value) or None))

@@ -316,8 +316,8 @@ def token_strip(
     fig.update_layout(
         coloraxis=scale,
         height=80 + 38 * sum(n_lines) + 60 * len(responses), margin={"l": 70, "r": 20, "t": 70, "b": 20},
-        title={"text": title or f"{QUANTITIES[quantity]} per token (β={format_beta(df.attrs.get('beta', float('nan')))}); "
-                                "grey: environment tokens", "font": {"size": 14}},
+        title={"text": title or f"{QUANTITIES[quantity]} per token (β={format_beta(df.attrs.get('beta', float('nan')))})"
+                                "<br><sup>grey: environment tokens</sup>", "font": {"size": 14}},
     )
     return responsive(fig, legend="none")
 
@@ -426,5 +426,6 @@ def topk_bars(df: pd.DataFrame, response: int = 0, step: int = 0) -> go.Figure:
     fig.add_hline(y=float(row["v"]), line_dash="dash", line_color="black", row=1, col=1,
                   annotation_text=f"V(s) = {float(row['v']):+.3f}", annotation_position="top left")
     fig.update_layout(barmode="group", height=400, margin={"t": 60},
-                      title=f"response {response}, step {step}: top-{len(row['topk_ids'])} alternatives (taken: {display_token(row['token'])})")
+                      title=f"response {response}, step {step}: top-{len(row['topk_ids'])} alternatives"
+                            f"<br><sup>taken: {display_token(row['token'])} (orange)</sup>")
     return responsive(fig)

@@ -94,7 +94,7 @@ def headline_figure(results: dict, key: str = "normalised_return") -> go.Figure:
     what = "best point of the learning curve" if key.startswith("peak") else "end of the budget"
     fig.update_yaxes(autorange="reversed", tickfont={"size": 12})
     fig.update_xaxes(side="top", tickangle=0 if len(cols) <= 4 else -30)
-    fig.update_layout(title={"text": f"Normalised return at the main size, mean over tasks ({what}; {spread})",
+    fig.update_layout(title={"text": f"Normalised return, mean over tasks<br><sup>{what}; {spread}</sup>",
                              "font": {"size": 14}, "y": 0.98},
                       height=140 + 36 * len(methods), margin={"t": 110, "l": 10})
     return responsive(fig, legend="none")
@@ -157,10 +157,9 @@ def frontier_figure(results: dict) -> go.Figure:
     fig = go.Figure(go.Scatter(x=[c["kl_ref"] for c in curve], y=[c["reward"] for c in curve],
                                **trace_style("optimum", mode="lines", name="exact π*<sub>β</sub> (β from 0.01 to 10)")))
     ex = fr["exact"]
-    fig.add_trace(go.Scatter(x=[e["kl_ref"] for e in ex], y=[e["reward"] for e in ex], mode="markers+text",
+    fig.add_trace(go.Scatter(x=[e["kl_ref"] for e in ex], y=[e["reward"] for e in ex], mode="markers",
                              name="exact π*<sub>β</sub> at the swept β", marker={"color": "black", "size": 7, "symbol": "circle-open"},
-                             text=[f"β={format_beta(e['beta'])}" for e in ex], textposition="top left",
-                             textfont={"size": 11, "color": "#444"}, legendrank=0,
+                             text=[f"β={format_beta(e['beta'])}" for e in ex], legendrank=0,
                              hovertemplate="exact π*, %{text}<br>KL %{x:.3f}<br>reward %{y:.3f}<extra></extra>"))
     kls = [c["kl_ref"] for c in curve if c["kl_ref"] > 0]
     methods = by_drawing_order(dict.fromkeys(p["method"] for p in fr["points"]))
@@ -172,7 +171,8 @@ def frontier_figure(results: dict) -> go.Figure:
             style["marker"]["size"] = 8
         fig.add_trace(go.Scatter(
             x=[p["kl_ref_mean"] for p in pts], y=[p["reward_mean"] for p in pts],
-            text=[f"β={format_beta(p['beta'])}" for p in pts], textposition="bottom right" if m == "shiq" else "top right",
+            text=[f"β={format_beta(p['beta'])}" for p in pts], textposition="bottom right" if m == "shiq" else "top left",
+            cliponaxis=False,
             textfont={"size": 11, "color": method_style(m).colour},
             hovertemplate=f"{method_style(m).label}, %{{text}}<br>KL %{{x:.3f}}<br>reward %{{y:.3f}}<extra></extra>",
             **style))

@@ -76,5 +76,6 @@ def training_curves(
                                      hovertemplate=f"{name} EMA, step %{{x}}: %{{y:.4g}}<extra></extra>"), 1, col)
     fig.update_xaxes(title_text="step")
     fig.update_yaxes(title_text=y_title or y, col=1)
-    fig.update_layout(title=title or f"{y} by step (faint: raw; solid: moving average, α={alpha:g})", height=height)
+    fig.update_layout(title=title or f"{y} by step<br><sup>faint: raw; solid: moving average (α={alpha:g})</sup>",
+                      height=height)
     return responsive(fig)
