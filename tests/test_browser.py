@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -77,33 +78,47 @@ def _gallery(path: Path) -> None:
     """A notebook of the library's figures on small or committed data, plus two broken canaries."""
     import nbformat
 
+    results = ROOT / "benchmarks" / "results" / "synthetic.json"
     cells = [
         "from shiq_lab.notebook_support import setup_notebook\nsetup_notebook(0)",
-        f"import json\nwith open({str(ROOT / 'benchmarks' / 'results' / 'synthetic.json')!r}) as fh:\n    results = json.load(fh)",
-        "from shiq_lab.bench.plots import efficiency_figure, frontier_figure, headline_figure, learning_curves_figure\n"
-        "headline_figure(results).show()\nlearning_curves_figure(results, 'tabular', 'token', 'uniform').show()\n"
-        "efficiency_figure(results, 'tabular', 'token', 'mix').show()\nfrontier_figure(results).show()",
-        "import pandas as pd\nfrom shiq_lab.evaluation import FRONTIER_COLUMNS, plot_frontier\n"
-        "rows = [dict(label='reference', loss_type='reference', beta=float('nan'), step=0, reward_mean=0.5, reward_sem=0.01,\n"
-        "             kl_mean=0.0, kl_sem=0.0, kl_states_mean=0.0, kl_states_sem=0.0, length_mean=10, finished_fraction=0.1, n=64, path='')]\n"
-        "for lt in ('shiq', 'dpo', 'dro', 'copg'):\n    for b in (0.1, 0.5):\n        for s in (20, 40):\n"
-        "            rows.append(dict(label='', loss_type=lt, beta=b, step=s, reward_mean=0.5 + s / 400 + b / 10, reward_sem=0.01,\n"
-        "                             kl_mean=s / 20 / b / 10, kl_sem=0.02, kl_states_mean=s / 20 / b / 10, kl_states_sem=0.02,\n"
-        "                             length_mean=10, finished_fraction=0.1, n=64, path=''))\n"
-        "plot_frontier(pd.DataFrame(rows)[FRONTIER_COLUMNS], title='plot_frontier').show()",
-        "from shiq_lab.views.curves import training_curves\n"
-        "history = pd.DataFrame([dict(loss_type=lt, beta=b, step=s, loss=1 / s + b, kl=s * b / 100)\n"
-        "                        for lt in ('shiq', 'dpo', 'dro', 'copg') for b in (0.1, 0.5) for s in range(1, 41)])\n"
-        "training_curves(history, 'loss').show()\ntraining_curves(history, 'kl', facet=False).show()",
-        "import plotly.graph_objects as go\n"
-        "canary = go.Figure([go.Scatter(y=[1, 2, k], name=f'a long legend entry number {k}') for k in range(6)])\n"
-        "canary.update_layout(title='CANARY fixed width', width=1500, legend={'orientation': 'v', 'x': 1.02, 'y': 1})\n"
-        "canary.show()",
-        "from plotly.io._base_renderers import PngRenderer\nimport plotly.io as pio\n"
-        "pio.renderers['fixed_png'] = PngRenderer(width=1000, scale=1)\n"
-        "canary.update_layout(title='CANARY fixed png', width=None)\n"
-        "import warnings\nwith warnings.catch_warnings():\n    warnings.simplefilter('ignore')\n"
-        "    canary.show(renderer='plotly_mimetype+fixed_png')",
+        f"import json\nwith open({str(results)!r}) as fh:\n    results = json.load(fh)",
+        textwrap.dedent("""\
+            from shiq_lab.bench.plots import efficiency_figure, frontier_figure, headline_figure, learning_curves_figure
+            headline_figure(results).show()
+            learning_curves_figure(results, 'tabular', 'token', 'uniform').show()
+            efficiency_figure(results, 'tabular', 'token', 'mix').show()
+            frontier_figure(results).show()"""),
+        textwrap.dedent("""\
+            import pandas as pd
+            from shiq_lab.evaluation import FRONTIER_COLUMNS, plot_frontier
+            common = dict(reward_sem=0.01, kl_sem=0.02, kl_states_sem=0.02, length_mean=10, finished_fraction=0.1, n=64,
+                          path='', label='')
+            rows = [dict(loss_type='reference', beta=float('nan'), step=0, reward_mean=0.5, kl_mean=0.0,
+                         kl_states_mean=0.0, **common)]
+            rows += [dict(loss_type=lt, beta=b, step=s, reward_mean=0.5 + s / 400 + b / 10, kl_mean=s / 200 / b,
+                          kl_states_mean=s / 200 / b, **common)
+                     for lt in ('shiq', 'dpo', 'dro', 'copg') for b in (0.1, 0.5) for s in (20, 40)]
+            plot_frontier(pd.DataFrame(rows)[FRONTIER_COLUMNS], title='plot_frontier').show()"""),
+        textwrap.dedent("""\
+            from shiq_lab.views.curves import training_curves
+            history = pd.DataFrame([dict(loss_type=lt, beta=b, step=s, loss=1 / s + b, kl=s * b / 100)
+                                    for lt in ('shiq', 'dpo', 'dro', 'copg') for b in (0.1, 0.5) for s in range(1, 41)])
+            training_curves(history, 'loss').show()
+            training_curves(history, 'kl', facet=False).show()"""),
+        textwrap.dedent("""\
+            import plotly.graph_objects as go
+            canary = go.Figure([go.Scatter(y=[1, 2, k], name=f'a long legend entry number {k}') for k in range(6)])
+            canary.update_layout(title='CANARY fixed width', width=1500, legend={'orientation': 'v', 'x': 1.02, 'y': 1})
+            canary.show()"""),
+        textwrap.dedent("""\
+            import warnings
+            import plotly.io as pio
+            from plotly.io._base_renderers import PngRenderer
+            pio.renderers['fixed_png'] = PngRenderer(width=1000, scale=1)  # what the figures carried before
+            canary.update_layout(title='CANARY fixed png', width=None)
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                canary.show(renderer='plotly_mimetype+fixed_png')"""),
     ]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -160,7 +175,7 @@ def lab(tmp_path_factory):
             req = urllib.request.Request(f"{url}/api/shutdown?token={token}", method="POST", data=b"")
             urllib.request.urlopen(req, timeout=10)
             proc.wait(timeout=30)
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 -- a server that is already gone is killed below
             pass
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
