@@ -362,8 +362,8 @@ def plot_frontier(frame: pd.DataFrame, *, kl: str = "kl_states_mean", title: str
 
     One colour and marker per loss type (:mod:`shiq_lab.views.style`: ShiQ in its own colour,
     drawn on top), one line dash per beta; lines join the checkpoints of a run in step order
-    (starting from the reference, a star at KL = 0), and each point is labelled with its step, the
-    last point of a run with its beta too. The figure follows its container's width, with the
+    (starting from the reference, a star at KL = 0); the last point of a run is labelled with its
+    beta and step, every point's hover text gives its step. The figure follows its container's width, with the
     legend below it.
     """
     import plotly.graph_objects as go
@@ -391,10 +391,12 @@ def plot_frontier(frame: pd.DataFrame, *, kl: str = "kl_states_mean", title: str
                 continue
             g = g.sort_values("step")
             last = g["step"].iloc[-1]
-            text = [f"β={format_beta(beta)}, step {s}" if s == last else f"step {s}" for s in g["step"]]
+            # the label on the run's last point only (the others crowd near the reference); every point's hover has its step
+            text = [f"β={format_beta(beta)}, step {s}" if s == last else "" for s in g["step"]]
+            hover = [f"step {s}" for s in g["step"]]
             if len(ref):
                 g = pd.concat([ref.assign(loss_type=loss_type, beta=beta), g])
-                text = [""] + text
+                text, hover = [""] + text, ["reference"] + hover
             style = trace_style(loss_type, mode="lines+markers+text", name=f"{loss_type} β={format_beta(beta)}")
             style["line"].update(width=2 if loss_type == "shiq" else 1.5,
                                  dash=_DASHES[betas.index(beta) % len(_DASHES)] if beta in betas else "solid")
@@ -403,7 +405,8 @@ def plot_frontier(frame: pd.DataFrame, *, kl: str = "kl_states_mean", title: str
                 textfont={"size": 10, "color": method_style(loss_type).colour},
                 error_x={"type": "data", "array": g[sem], "thickness": 1},
                 error_y={"type": "data", "array": g["reward_sem"], "thickness": 1},
-                hovertemplate="%{text}<br>KL %{x:.3f}<br>reward %{y:.3f}<extra>%{fullData.name}</extra>", **style,
+                customdata=hover, hovertemplate="%{customdata}<br>KL %{x:.3f}<br>reward %{y:.3f}<extra>%{fullData.name}</extra>",
+                **style,
             ))
     if len(ref):
         fig.add_trace(go.Scatter(x=ref[kl], y=ref["reward_mean"], error_y={"type": "data", "array": ref["reward_sem"]},

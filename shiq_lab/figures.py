@@ -315,7 +315,7 @@ def token_strip(
         scale["cmid"] = 0.0
     fig.update_layout(
         coloraxis=scale,
-        height=80 + 38 * sum(n_lines) + 60 * len(responses), margin={"l": 70, "r": 20, "t": 70, "b": 20},
+        height=90 + 38 * sum(n_lines) + 60 * len(responses), margin={"l": 70, "r": 20, "t": 84, "b": 20},
         title={"text": title or f"{QUANTITIES[quantity]} per token (β={format_beta(df.attrs.get('beta', float('nan')))})"
                                 "<br><sup>grey: environment tokens</sup>", "font": {"size": 14}},
     )

@@ -80,7 +80,9 @@ def _gallery(path: Path) -> None:
 
     results = ROOT / "benchmarks" / "results" / "synthetic.json"
     cells = [
-        "from shiq_lab.notebook_support import setup_notebook\nsetup_notebook(0)",
+        # no static copies: what is measured is the interactive figure (and it saves the kaleido time)
+        "import plotly.io as pio\nfrom shiq_lab.figures import configure_plotly\n"
+        "configure_plotly(static=False)\npio.renderers.default = 'plotly_mimetype'",
         f"import json\nwith open({str(results)!r}) as fh:\n    results = json.load(fh)",
         textwrap.dedent("""\
             from shiq_lab.bench.plots import efficiency_figure, frontier_figure, headline_figure, learning_curves_figure

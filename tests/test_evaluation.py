@@ -149,7 +149,8 @@ def test_save_and_plot_frontier(tmp_path):
     shiq = fig.data[1]
     # each run's line starts at the reference point and follows its checkpoints in step order
     assert list(shiq.x) == [0.0, 1.1, 2.1] and list(shiq.y) == [0.5, 0.6, 0.7]
-    assert list(shiq.text) == ["", "step 10", "β=0.1, step 20"]  # points carry their step, the last one its beta
+    assert list(shiq.text) == ["", "", "β=0.1, step 20"]  # the run's last point carries its beta and step
+    assert list(shiq.customdata) == ["reference", "step 10", "step 20"]  # every point's hover its step
     assert shiq.line.color == shiq.marker.color == "#d62728" and shiq.zorder > fig.data[0].zorder
     assert fig.layout.legend.orientation == "h" and fig.layout.autosize and fig.layout.width is None
     table = frontier_summary(frame)
