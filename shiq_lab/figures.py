@@ -139,7 +139,7 @@ def _in_kernel() -> bool:
     return shell is not None and hasattr(shell, "kernel")
 
 
-def configure_plotly(*, static: bool | None = None) -> str:
+def configure_plotly(*, static: bool | None = None, png: bool | None = None) -> str:
     """Make plotly figures work offline in notebooks; returns the default renderer's name.
 
     Interactive figures use the ``plotly_mimetype`` bundle, which JupyterLab, Notebook 7 and VS
@@ -153,6 +153,9 @@ def configure_plotly(*, static: bool | None = None) -> str:
     import plotly.io as pio
 
     from .views.style import template
+
+    if png is not None:  # the old name of the switch (the static copy was a PNG then)
+        static = png if static is None else static
 
     browser = chromium_path()
     if browser:
