@@ -81,8 +81,8 @@ def _gallery(path: Path) -> None:
     results = ROOT / "benchmarks" / "results" / "synthetic.json"
     cells = [
         # no static copies: what is measured is the interactive figure (and it saves the kaleido time)
-        "import plotly.io as pio\nfrom shiq_lab.figures import configure_plotly\n"
-        "configure_plotly(static=False)\npio.renderers.default = 'plotly_mimetype'",
+        "import plotly.io as pio\nfrom shiq_lab.figures import configure_plotly\nconfigure_plotly(static=False)\n"
+        + "pio.renderers.default = 'plotly_mimetype'",
         f"import json\nwith open({str(results)!r}) as fh:\n    results = json.load(fh)",
         textwrap.dedent("""\
             from shiq_lab.bench.plots import efficiency_figure, frontier_figure, headline_figure, learning_curves_figure
