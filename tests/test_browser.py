@@ -49,7 +49,7 @@ pytestmark = pytest.mark.browser
 
 
 def _chromium() -> str | None:
-    from shiq_lab.figures import chromium_path
+    from shiq_lab.views.figures import chromium_path
 
     return chromium_path()
 
@@ -81,11 +81,11 @@ def _gallery(path: Path) -> None:
     results = ROOT / "benchmarks" / "results" / "synthetic.json"
     cells = [
         # no static copies: what is measured is the interactive figure (and it saves the kaleido time)
-        "import plotly.io as pio\nfrom shiq_lab.figures import configure_plotly\nconfigure_plotly(static=False)\n"
+        "import plotly.io as pio\nfrom shiq_lab.views.figures import configure_plotly\nconfigure_plotly(static=False)\n"
         + "pio.renderers.default = 'plotly_mimetype'",
         f"import json\nwith open({str(results)!r}) as fh:\n    results = json.load(fh)",
         textwrap.dedent("""\
-            from shiq_lab.bench.plots import efficiency_figure, frontier_figure, headline_figure, learning_curves_figure
+            from shiq_lab.tasks.synthetic.plots import efficiency_figure, frontier_figure, headline_figure, learning_curves_figure
             headline_figure(results).show()
             learning_curves_figure(results, 'tabular', 'token', 'uniform').show()
             efficiency_figure(results, 'tabular', 'token', 'mix').show()

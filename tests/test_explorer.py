@@ -3,11 +3,11 @@
 
 import numpy as np
 import pytest
-from tiny_pair import tiny_policy_and_reference
+from helpers.tiny_pair import tiny_policy_and_reference
 
-from shiq_lab.explorer import TokenValueExplorer, normalise_examples
-from shiq_lab.figures import colour_of, display_token
-from shiq_lab.rewards import word_reward
+from shiq_lab.data.rewards import word_reward
+from shiq_lab.views.explorer import TokenValueExplorer, normalise_examples
+from shiq_lab.views.figures import colour_of, display_token
 from shiq_lab.views.style import ENV_COLOUR
 
 PROMPT = [{"role": "user", "content": "was the movie good?"}]

@@ -4,9 +4,10 @@
 import numpy as np
 import plotly.io as pio
 import pytest
-from tiny_pair import tiny_policy_and_reference
+from helpers.tiny_pair import tiny_policy_and_reference
 
-from shiq_lab.figures import (
+from shiq_lab.data.rewards import word_reward
+from shiq_lab.views.figures import (
     NON_NEGATIVE,
     QUANTITIES,
     chromium_path,
@@ -18,8 +19,7 @@ from shiq_lab.figures import (
     topk_bars,
     value_lines,
 )
-from shiq_lab.rewards import word_reward
-from shiq_lab.token_values import token_values
+from shiq_lab.views.token_values import token_values
 
 PROMPT = [{"role": "user", "content": "was the movie good?"}]
 MULTI_TURN = [
@@ -123,7 +123,7 @@ def test_topk_bars_show_alternatives_and_the_taken_token(frame) -> None:
 
 
 def test_offline_renderers_reference_no_cdn(plotly_defaults) -> None:
-    from shiq_lab.figures import _html_renderer
+    from shiq_lab.views.figures import _html_renderer
 
     assert configure_plotly(static=False) == "plotly_mimetype"  # outside a kernel: no HTML copy to inline into
     html = _html_renderer().to_mimebundle(token_strip_stub().to_dict())["text/html"]

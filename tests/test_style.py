@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from shiq_lab.bench.plots import (
+from shiq_lab.tasks.synthetic.plots import (
     efficiency_figure,
     frontier_figure,
     headline_figure,

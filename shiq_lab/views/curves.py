@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .style import by_drawing_order, format_beta, method_style, responsive
+from shiq_lab.views.style import by_drawing_order, format_beta, method_style, responsive
 
 __all__ = ["ema", "training_curves"]
 
