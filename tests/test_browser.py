@@ -177,7 +177,7 @@ def lab(tmp_path_factory):
             req = urllib.request.Request(f"{url}/api/shutdown?token={token}", method="POST", data=b"")
             urllib.request.urlopen(req, timeout=10)
             proc.wait(timeout=30)
-        except Exception:  # noqa: BLE001, S110 -- a server that is already gone is killed below
+        except Exception:  # noqa: BLE001 -- a server that is already gone is killed below
             pass
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
