@@ -43,6 +43,9 @@ def parse_config(argv: list[str], *, extra: argparse.ArgumentParser | None = Non
     if extra is not None:
         extra_ns, argv = extra.parse_known_args(argv)
     run, cfg = parse((RunArguments, ShiQConfig), argv, prog=prog)
+    from shiq_lab.train.validation import validate_run
+
+    validate_run(run)  # ranges of the model / data / LoRA fields (issue 12)
     return run, cfg, extra_ns
 
 
@@ -105,16 +108,19 @@ def build_run(run: RunArguments, cfg: Any, *, with_train: bool = True):
 
 
 def _train(argv: list[str]) -> int:
-    run, cfg, _ = parse_config(argv)
-    trainer = build_run(run, cfg)
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
+    from shiq_lab.train import runs
 
-        resume = get_last_checkpoint(cfg.output_dir)
-        if resume is None:
-            raise SystemExit(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: no checkpoint-* folder in {cfg.output_dir}")
-    result = trainer.train(resume_from_checkpoint=resume)
+    run, cfg, _ = parse_config(argv)
+    # output folder and resume checks before any model load, tokenisation or reference pass (issue 12)
+    fields = runs.run_fields(run)
+    resume = runs.preflight(cfg, fields)
+    from shiq_lab.infra.models import resolve_model
+
+    for name in (run.model, run.ref_model):  # a missing folder / mistyped name / unreachable hub: now, not later
+        if name:
+            resolve_model(name)
+    trainer = build_run(run, cfg)
+    result = trainer.train(resume_from_checkpoint=resume, run_fields=fields)
     trainer.save_model()
     if trainer.args.should_save:
         target = Path(cfg.output_dir) / "log_history.json"
@@ -260,7 +266,12 @@ def _usage() -> str:
 
 @report_errors
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``shiq-lab``."""
+    """Entry point of ``shiq-lab``.
+
+    The project's own errors (:class:`shiq_lab.errors.ShiQLabError`: bad data, stale caches, config,
+    models, run folders) print as one message on stderr with exit code 2; ``--debug`` (anywhere on
+    the line) or ``SHIQ_LAB_DEBUG=1`` shows the traceback instead (:func:`shiq_lab.errors.report_errors`).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

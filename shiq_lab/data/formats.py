@@ -67,6 +67,8 @@ from typing import Any
 import pyarrow as pa
 from datasets import Dataset
 
+from shiq_lab.errors import ShiQLabError
+
 FORMATS = ("standard", "conversational", "multiturn", "preference", "unpaired")
 TRUNCATION_POLICIES = ("truncate", "drop", "error")
 #: roles a chat message may have: assistant turns are the policy's, the others environment text
@@ -74,7 +76,7 @@ CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 TOKENIZED_COLUMNS = ("input_ids", "action_mask", "token_rewards", "group", "prompt_length", "truncated")
 
 
-class DataValidationError(ValueError):
+class DataValidationError(ShiQLabError, ValueError):
     """A dataset row (or file) is unusable; the message names the row of the user's data (0-based) or the file
     and line, the field and the fix."""
 

@@ -17,29 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shiq_lab.errors import ConfigError, report_errors  # one error hierarchy (issue 12): ConfigError is a ShiQLabError
+
 __all__ = ["ConfigError", "parse_config", "read_yaml", "report_errors", "yaml_to_flags"]
-
-
-class ConfigError(ValueError):
-    """A config file or flag is unusable; the message names the file, the field and the fix.
-
-    Command-line entry points print it as one line and exit with code 2 (:func:`report_errors`).
-    """
-
-
-def report_errors(main):  # type: ignore[no-untyped-def]
-    """Decorate a ``main(argv) -> int``: a :class:`ConfigError` becomes one line on stderr and exit code 2."""
-    import functools
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-        try:
-            return main(*args, **kwargs)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-
-    return wrapper
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

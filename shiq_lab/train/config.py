@@ -71,8 +71,13 @@ class ShiQConfig(TrainingArguments):
         "help": "dro: learning rate of the value head (default: learning_rate)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the loss reads its own columns"})
     logging_steps: float = field(default=1, metadata={"help": "log every n steps (loss, kl, tokens/s)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "train into an output_dir that holds another run's outputs, deleting its checkpoints (else refused)"})
 
     def __post_init__(self) -> None:
+        from shiq_lab.train.validation import validate_config
+
+        validate_config(self)  # ranges and types, before TrainingArguments' own set-up (issue 12)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {LOSS_TYPES}")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):

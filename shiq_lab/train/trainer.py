@@ -384,6 +384,33 @@ class ShiQTrainer(Trainer):
         return output
 
     # ------------------------------------------------------------------------------------------
+    # runs: resume checks and the run record (shiq_lab.train.runs, issue 12)
+    # ------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, *, run_fields: dict[str, Any] | None = None,
+              **kwargs: Any):
+        """``Trainer.train``, resuming only a valid checkpoint of this run, with the whole run's ``training_loss``.
+
+        ``resume_from_checkpoint=True`` (or ``"last"``) takes the newest *valid* checkpoint of
+        ``output_dir`` (broken ones, left by a killed save, are skipped with a warning); a checkpoint
+        whose run record differs from this config is refused, naming the fields. ``run_fields``:
+        extra fields for the record (the CLI's model and data). See :mod:`shiq_lab.train.runs`.
+        """
+        from shiq_lab.train import runs
+
+        resume = runs.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        record = runs.run_record(self.args, run_fields, train_dataset=self.train_dataset)
+        runs.begin(self.args, record, resume)
+        self.callback_handler.callbacks = [cb for cb in self.callback_handler.callbacks
+                                           if not isinstance(cb, runs.RunRecordCallback)]
+        self.add_callback(runs.RunRecordCallback(record))
+        start = runs.checkpoint_step(resume) if resume is not None else 0
+        output = super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                               **kwargs)
+        return runs.whole_run_loss(output, self.state.log_history, start)
+
+    # ------------------------------------------------------------------------------------------
     # DRO value head: optimiser group, save, resume
     # ------------------------------------------------------------------------------------------
 
