@@ -5,7 +5,8 @@
     shiq-lab train --config configs/train/tiny_cpu.yaml [--beta 0.2 --loss_type dpo ...]
     shiq-lab precompute-ref --config configs/train/tiny_cpu.yaml [--output DIR]
     shiq-lab evaluate [...]
-    shiq-lab models fetch NAME [NAME ...]      # also: shiq-lab models list
+    shiq-lab models [list]                     # registered models and whether they are built
+    shiq-lab models fetch NAME [NAME ...]
 
 Every field of the YAML config is also a flag, and a flag overrides the file. The fields are those
 of :class:`RunArguments` (model, data, LoRA) and of :class:`shiq_lab.train.config.ShiQConfig` (all of
@@ -40,6 +41,8 @@ def parse_config(argv: list[str], *, extra: argparse.ArgumentParser | None = Non
     from shiq_lab.infra.config import parse_config as parse
 
     extra_ns = argparse.Namespace()
+    if extra is not None and ("-h" in argv or "--help" in argv):
+        parse((RunArguments, ShiQConfig), argv, prog=prog, parents=[extra])  # one list of every flag, extra ones too
     if extra is not None:
         extra_ns, argv = extra.parse_known_args(argv)
     run, cfg = parse((RunArguments, ShiQConfig), argv, prog=prog)
@@ -218,13 +221,13 @@ def _models(argv: list[str]) -> int:
     registered_models()  # tasks' models too
 
     parser = argparse.ArgumentParser(prog="shiq-lab models", description="registered models (built once, offline)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd")
     fetch = sub.add_parser("fetch", help="build / convert a registered model into the local cache")
     fetch.add_argument("names", nargs="+", help=f"one of: {', '.join(MODEL_BUILDERS)}")
     fetch.add_argument("--rebuild", action="store_true")
     sub.add_parser("list", help="registered models and whether they are built")
     args = parser.parse_args(argv)
-    if args.cmd == "list":
+    if args.cmd in (None, "list"):  # `shiq-lab models` alone lists them
         for name in MODEL_BUILDERS:
             built = (cache_dir() / "models" / name / ".complete").exists()
             print(f"{name:16s} {'built' if built else 'not built'}")
@@ -281,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in commands:
         print(f"shiq-lab: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return commands[cmd][0](rest)
+    from shiq_lab.train.progress import quiet_library_bars
+
+    with quiet_library_bars():  # the training bar and its log lines, not one bar per dataset map or model save
+        return commands[cmd][0](rest)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,14 +21,6 @@ from shiq_lab.evaluation.frontier import (
 from shiq_lab.evaluation.generations import FRONTIER_COLUMNS, evaluate_policy, sequence_stats
 from shiq_lab.evaluation.sampling import sample_completions
 from shiq_lab.infra.models import load_model, load_tokenizer
-from shiq_lab.infra.runtime import cpu_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
-    with cpu_threads(1):
-        yield
 
 
 def _word_count(prompts, completions):
@@ -168,6 +161,16 @@ def test_find_checkpoints_reads_run_json_and_steps(tmp_path, tiny):
     specs = find_checkpoints(tmp_path)
     assert [(s.loss_type, s.beta, s.step) for s in specs] == [("shiq", 0.1, 10), ("shiq", 0.1, -1)]
     assert isinstance(specs[0], CheckpointSpec) and specs[0].label == "shiq beta=0.1 step=10"
+    # `shiq-lab train` saves its final model next to checkpoint-N of the same step: listed once
+    cli_run = tmp_path / "cli"
+    for sub in ("checkpoint-2", "checkpoint-4", "."):
+        model.save_pretrained(cli_run / sub)
+    (cli_run / "log_history.json").write_text(json.dumps([{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5}]))
+    for n in (2, 4):
+        (cli_run / f"checkpoint-{n}" / "trainer_state.json").write_text(json.dumps({"global_step": n}))
+    assert [(Path(s.path).name, s.step) for s in find_checkpoints(cli_run)] == [("checkpoint-2", 2), ("checkpoint-4", 4)]
+    (cli_run / "checkpoint-4" / "config.json").unlink()  # only checkpoint-2 kept: the final model is step 4
+    assert [(Path(s.path).name, s.step) for s in find_checkpoints(cli_run)] == [("checkpoint-2", 2), ("cli", 4)]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model folder"):
         find_checkpoints(tmp_path / "empty")

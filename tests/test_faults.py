@@ -46,7 +46,6 @@ READ_ONLY_HOW: list[str] = []
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(1)
     return models.load_model("tiny")
 
 

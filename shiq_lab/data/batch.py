@@ -25,6 +25,7 @@ import torch
 from datasets import Dataset
 
 from shiq_lab.data.formats import DataValidationError, _as_dataset, _prompt_key, _require_tokenized
+from shiq_lab.losses import response_pairs
 
 if TYPE_CHECKING:
     from shiq_lab.data.encode import EncodedResponse
@@ -87,19 +88,14 @@ def split_by_prompt(ds: Dataset, fraction: float, *, seed: int = 0) -> tuple[Dat
 
 
 def make_pairs(group: torch.Tensor, returns: torch.Tensor, mode: str) -> torch.Tensor:
-    """[P, 2] row-index pairs of responses sharing a group.
+    """[P, 2] row-index pairs of responses sharing a group: :func:`shiq_lab.losses.response_pairs` with ``rule=mode``.
 
     ``mode="all"``: every unordered pair (CoPG). ``mode="preference"``: ordered (better, worse) by
     return, ties skipped (DPO's chosen/rejected).
     """
     if mode not in ("all", "preference"):
         raise ValueError(f"pair mode={mode!r}: choose 'all' or 'preference'")
-    same = group[:, None] == group[None, :]
-    if mode == "all":
-        sel = same & torch.ones_like(same).triu(1)
-        return torch.nonzero(sel)
-    better = returns[:, None] > returns[None, :]
-    return torch.nonzero(same & better)
+    return response_pairs(group, rule=mode, returns=returns)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------------------------

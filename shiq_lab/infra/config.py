@@ -111,6 +111,7 @@ def parse_config(
     prog: str | None = None,
     description: str | None = None,
     defaults: dict[str, Any] | None = None,
+    parents: Sequence[argparse.ArgumentParser] = (),
 ) -> tuple[Any, ...]:
     """One instance of each dataclass in ``types`` from ``--config FILE`` and flags (flags override the file).
 
@@ -133,7 +134,8 @@ def parse_config(
                      for k in unknown]
             raise ConfigError(f"{known.config}: unknown field(s) {', '.join(hints)}; `--help` lists the fields")
     parser = HfArgumentParser(tuple(_with_list_fields(t) for t in types), prog=prog, description=description,
-                              formatter_class=argparse.RawDescriptionHelpFormatter, exit_on_error=False)
+                              formatter_class=argparse.RawDescriptionHelpFormatter, exit_on_error=False,
+                              parents=list(parents))  # parents: a command's own flags, listed by --help
     parser.add_argument("--config", default=None, help="YAML file of field: value (flags override it)")
     flags = yaml_to_flags({**(defaults or {}), **file_values}) + rest
     where = f"{known.config}: " if known.config else ""

@@ -7,11 +7,11 @@ reference model is never in memory during training.
 
 Public API:
 
-- :func:`token_stats`: ``(logp, logz)`` [B, L] of a causal LM on a batch, aligned to ``input_ids``
-  (value at t = statistics of generating token t; 0 off the action mask). It runs the model's
-  decoder, then :func:`shiq_lab.lm.kernel.chunked_token_logprobs` on the final hidden states
-  and the output layer, on response tokens only, so no [B, T, V] fp32 tensor exists. The trainer
-  uses the same function for the policy, so at theta = ref both sides are bit-identical.
+- :func:`shiq_lab.lm.stats.token_stats` (re-exported by :mod:`shiq_lab.reference` for one release):
+  ``(logp, logz)`` [B, L] of a causal LM on a batch, aligned to ``input_ids`` (value at t =
+  statistics of generating token t; 0 off the action mask). The trainer uses the same function for
+  the policy, and this module gathers the same response positions, so at theta = ref both sides
+  are bit-identical.
 - :func:`precompute_reference`: adds ``ref_logp`` / ``ref_logz`` columns to a tokenised dataset,
   through the cache.
 - :func:`dataset_fingerprint`, :func:`reference_identity`: what the cache is keyed by.
@@ -57,11 +57,15 @@ from datasets import Dataset
 from safetensors.numpy import load_file, save_file
 
 from shiq_lab.errors import ShiQLabError
-from shiq_lab.lm.stats import causal_lm_parts, token_stats
+from shiq_lab.lm.modes import as_reference, device_of
+from shiq_lab.lm.stats import action_positions, causal_lm_parts, token_stats
+from shiq_lab.lm.value_head import VALUE_HEAD_NAME
 
 logger = logging.getLogger(__name__)
 
-#: bump when the meaning or layout of stored statistics changes: old entries are then never read
+#: bump when the meaning, the layout or the numerics of stored statistics change: old entries are then
+#: never read (a stale entry would break the exact zero at theta = ref). Still 1 after issue 9: token_stats
+#: now gathers the response states by position instead of a boolean mask, and gives the same bits.
 STATS_VERSION = 1
 #: a staging folder older than this is removed even when its writer's pid cannot be checked (other host)
 STAGING_MAX_AGE_S = 6 * 3600
@@ -111,7 +115,7 @@ def _base_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
     """Parameters of the model without adapters, named as in the plain model."""
     core, _, _ = causal_lm_parts(model)
     for name, p in core.named_parameters():
-        if "lora_" in name or "modules_to_save" in name or "shiq_value_head" in name:
+        if "lora_" in name or "modules_to_save" in name or VALUE_HEAD_NAME in name:
             continue
         yield name.replace(".base_layer", ""), p
 
@@ -371,20 +375,6 @@ def clean_staging(root: str | os.PathLike, *, name: str | None = None, max_age_s
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _reference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, and adapters disabled for a PEFT model (the reference is its base)."""
-    was_training = model.training
-    model.eval()
-    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") \
-        else contextlib.nullcontext()
-    try:
-        with torch.no_grad(), adapters:
-            yield
-    finally:
-        model.train(was_training)
-
-
 def compute_reference_stats(
     model: torch.nn.Module,
     ds: Dataset,
@@ -403,7 +393,7 @@ def compute_reference_stats(
     from shiq_lab.data.batch import ShiQCollator
 
     if device is None:
-        device = next(model.parameters()).device
+        device = device_of(model)
     device = torch.device(device)
     autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None \
         else contextlib.nullcontext()
@@ -411,14 +401,17 @@ def compute_reference_stats(
     logp_rows: list[np.ndarray] = []
     logz_rows: list[np.ndarray] = []
     cols = _flat_indices(ds).select_columns(["input_ids", "action_mask", "token_rewards"])
-    with _reference_mode(model):
+    # the reference of a PEFT model is its base (adapters disabled); any other model is its own
+    with torch.no_grad(), as_reference(model, plain_is_reference=True) as reference:
         for start in range(0, len(cols), batch_size):
             rows = cols[start:start + batch_size]
             feats = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
             batch = collate(feats)
+            positions = action_positions(batch["action_mask"]).to(device)  # on the host, as the trainer's collator
             ids, am, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "action_mask"))
             with autocast:
-                logp, logz = token_stats(model, ids, am, mask, chunk_size=chunk_size, logits_mode=logits_mode)
+                logp, logz = token_stats(reference, ids, am, mask, chunk_size=chunk_size, logits_mode=logits_mode,
+                                         positions=positions)
             lengths = batch["attention_mask"].sum(1).tolist()
             for b, n in enumerate(lengths):
                 logp_rows.append(logp[b, :n].float().cpu().numpy())

@@ -100,4 +100,8 @@ class ShiQConfig(TrainingArguments):
             else "gradient_checkpointing_kwargs"
         if getattr(self, name) is None and getattr(self, "gradient_checkpointing_kwargs", None) is None:
             setattr(self, name, {"use_reentrant": False})
+        # every parameter of a causal LM (and of the DRO value head) gets a gradient in every step: DDP's
+        # search for unused ones only costs a graph traversal and warns at each step that it found none
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
         super().__post_init__()

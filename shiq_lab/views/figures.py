@@ -78,8 +78,9 @@ def chromium_path() -> str | None:
 STATIC_WIDTH = 900
 
 
-def _svg_renderer():
-    """An SVG renderer that starts one kaleido browser on first use and never breaks a notebook.
+def _svg_renderer(browser: str | None = None):
+    """An SVG renderer that starts one kaleido browser (``browser``: its executable) on first use and never
+    breaks a notebook.
 
     The SVG is the static copy for viewers without plotly.js (nbconvert, GitHub): JupyterLab's plotly
     extension ignores it and draws the interactive figure at the output area's width at once (a PNG
@@ -99,7 +100,8 @@ def _svg_renderer():
 
                 if not LazyServerSvg.started:
                     # One browser for all figures of the session (~0.3 s a figure instead of ~4 s).
-                    kaleido.start_sync_server(silence_warnings=True)
+                    # the browser's path goes to kaleido directly: the process environment stays the caller's
+                    kaleido.start_sync_server(silence_warnings=True, **({"path": browser} if browser else {}))
                     atexit.register(kaleido.stop_sync_server, silence_warnings=True)
                     LazyServerSvg.started = True
                 width = (fig_dict.get("layout") or {}).get("width") or STATIC_WIDTH
@@ -158,8 +160,6 @@ def configure_plotly(*, static: bool | None = None, png: bool | None = None) -> 
         static = png if static is None else static
 
     browser = chromium_path()
-    if browser:
-        os.environ.setdefault("BROWSER_PATH", browser)  # where kaleido (choreographer) looks first
     if static is None:
         try:
             import kaleido  # noqa: F401
@@ -170,7 +170,7 @@ def configure_plotly(*, static: bool | None = None, png: bool | None = None) -> 
     pio.templates["shiq"] = template()
     pio.templates.default = "plotly_white+shiq"
     if static:
-        pio.renderers["shiq_svg"] = _svg_renderer()
+        pio.renderers["shiq_svg"] = _svg_renderer(browser)
         pio.renderers.default = "plotly_mimetype+shiq_svg"
     elif _in_kernel():
         pio.renderers["shiq_html"] = _html_renderer()
