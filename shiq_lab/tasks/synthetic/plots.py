@@ -7,6 +7,7 @@ colour, drawn on top) and follows the width of its output area with the legend b
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -125,7 +126,7 @@ def efficiency_figure(results: dict, param: str, task: str, behaviour: str) -> g
         fig.add_trace(go.Scatter(x=sizes, y=_clip(scores), **trace_style(m)))
     fig.add_hline(y=target, line_dash="dot", annotation_text=f"{target:.0%} of the optimal improvement",
                   annotation_position="bottom right")
-    xaxis = {"type": "log"}
+    xaxis: dict[str, Any] = {"type": "log"}
     if sizes_all:
         sizes_all = sorted(set(sizes_all))
         xaxis = {"type": "log", "tickmode": "array", "tickvals": sizes_all, "ticktext": [str(s) for s in sizes_all]}
