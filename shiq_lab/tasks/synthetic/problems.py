@@ -197,7 +197,7 @@ def load_datasets(path: str | Path) -> tuple[TokenTree, dict[str, OfflineDataset
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        t = {k: f.get_tensor(k) for k in f}
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not iterable
     spec = json.loads(meta["task"])
     tab = {k: t[f"tree.{k}"] for k in _TREE_FIELDS}
     eos = spec["vocab_size"] - 1

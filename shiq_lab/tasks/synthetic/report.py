@@ -310,7 +310,7 @@ def key_numbers(results: dict) -> dict[str, float]:
 # README blocks (shiq_lab.infra.readme): rendered from the committed benchmarks/results/synthetic.json
 # ---------------------------------------------------------------------------------------------
 
-_SEQUENCE_LEVEL = ("dpo_bt", "dro", "copg")  # the sequence-level baselines that can reach pi*
+_REACH_PI_STAR = ("dpo_bt", "dro", "copg")  # the sequence-level baselines that can reach pi*
 
 
 def _committed(root) -> dict:
@@ -366,7 +366,7 @@ def readme_findings(root) -> str:
     for t in tasks:
         for b in behaviours:
             shiq = rows[("tabular", t, "shiq", b)]
-            for m in _SEQUENCE_LEVEL:
+            for m in _REACH_PI_STAR:
                 other = rows[("tabular", t, m, b)]
                 if "reached_target" not in shiq or "reached_target" not in other:
                     continue
@@ -377,7 +377,7 @@ def readme_findings(root) -> str:
                     example = example or f"{t}·{b}: {n_shiq} against {n_other if n_other < math.inf else 'never'}"
     target = f"{cfg['target'] * 100:.0f} %"
     betas = cfg["frontier_betas"]
-    neural_uniform = [head("neural", m, "uniform") for m in _SEQUENCE_LEVEL]
+    neural_uniform = [head("neural", m, "uniform") for m in _REACH_PI_STAR]
     dpo_final = sum(rows[("tabular", t, "dpo", "uniform")]["normalised_return_mean"] for t in tasks) / len(tasks)
     skewed_best = max(head("tabular", m, "skewed") for m in cfg["methods"])
     lead = k["shiq_minus_best_sequence_neural_min"]
