@@ -221,7 +221,7 @@ def gpu_receipt(root: Path) -> str:
     from benchmarks.gpu_check import GOALS  # the one list of GPU goals
 
     if not path.exists():
-        lines = ["**Not yet measured.** No GPU run has been committed: `bash benchmarks/gpu_check.sh` on one GPU "
+        lines = ["**Not yet measured.** No GPU run has been committed: `make gpu-check` on one GPU "
                  "writes `benchmarks/results/gpu_check.{json,md}` (the receipt), and this block then quotes it.", "",
                  "| goal (GPU, one run, ratios within it) | bound | status |", "|---|---|---|"]
         lines += [f"| {text} | {op} {bound} | not measured |" for _, text, op, bound in GOALS]
