@@ -117,9 +117,10 @@ def test_fsdp_full_shard_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason="shiq_lab.lm.value_head.save_value_head writes the DRO value head from its "
-                   "state_dict(): under FSDP those are sharded DTensors (safetensors: 'invalid python storage'); it must gather them "
-                   "(DTensor.full_tensor() on every rank) before the main process writes")
+@pytest.mark.xfail(strict=True, reason="DRO under FSDP: the value head is now gathered and saved (save_value_head on every "
+                   "rank), and the logged losses of 2 processes equal 1 process, but the trained decoder weights differ "
+                   "(model.layers.1.mlp.down_proj.weight): the head's forward runs outside the FSDP root's forward, so "
+                   "its gradient path is not reduced like the decoder's. Open; DDP is exact (test below)")
 def test_fsdp_dro_value_head_two_processes_match_one_process(tmp_path):
     proc = _launch(tmp_path, "fsdp", "dro")
     assert proc.returncode == 0, proc.stderr[-3000:]
