@@ -18,11 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-<<<<<<< HEAD
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic bench-imdb-smollm2 lint
-=======
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic lint git-filter
->>>>>>> 169d4ac7a55f647d46764c6fba069f008cb5d8de
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic lint git-filter gpu-check gpu-wheels bench-imdb-smollm2
 
 setup: $(STAMP) assets git-filter
 
@@ -73,7 +69,8 @@ LAB_ARGS ?=
 lab: setup
 	$(BIN)/python -m shiq_lab.infra.lab $(LAB_ARGS)
 
-# Benchmarks write JSON + markdown under benchmarks/results/ (minutes; BENCH_ARGS=--quick for a smoke run).
+# Benchmarks write JSON + markdown under benchmarks/results/ (minutes; BENCH_ARGS=--quick for a smoke run,
+# which writes runs/bench-quick/ instead and never touches the committed results).
 BENCH_ARGS ?=
 bench: setup
 	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python -m benchmarks.$$(basename $$b .py) $(BENCH_ARGS) || exit 1; done
@@ -82,7 +79,17 @@ bench: setup
 bench-synthetic: setup
 	$(BIN)/python -m shiq_lab.tasks.synthetic synthetic $(BENCH_ARGS)
 
-# The IMDB sweep on SmolLM2-135M (CPU, LoRA; ~1 h on 2 shared cores): ShiQ with token / sequence rewards,
+# The whole GPU measurement of issue 14 (< 8 min on one H200) -> benchmarks/results/gpu_check.{json,md};
+# GPU_CHECK_ARGS=--dry-run checks the script on a CPU at toy size. gpu-wheels fetches the cp312 wheels the
+# GPU image lacks into .gpu-wheels/ (carry it to the GPU machine).
+GPU_CHECK_ARGS ?=
+gpu-check:
+	bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
+
+gpu-wheels: setup
+	bash benchmarks/gpu_wheels.sh
+
+# The IMDB sweep on SmolLM2-135M (CPU, LoRA; ~25 min on 2 shared cores): ShiQ with token / sequence rewards,
 # DPO, DRO, CoPG -> benchmarks/results/imdb_smollm2_cpu.{json,md,html}. BENCH_ARGS=--quick: smoke run under runs/.
 bench-imdb-smollm2: setup
 	$(BIN)/python -m benchmarks.bench_imdb_smollm2 $(BENCH_ARGS)

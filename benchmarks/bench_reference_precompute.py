@@ -4,8 +4,8 @@ ShiQ reads the reference through two numbers per response token (``ref_logp``, `
 computed once for an offline dataset by :func:`shiq_lab.reference.compute_reference_stats`. That
 pass is a forward of the reference without gradients; this script measures what it costs beyond
 the model's own forward, on the same rows and batches (``--rows`` sequences of ``--prompt-len``
-prompt + ``--completion-len`` response tokens, ``--batch`` at a time, the model of
-``bench_train_step``'s preset):
+prompt + ``--completion-len`` response tokens, ``--batch`` at a time, a model of
+``benchmarks.common.PRESETS``):
 
 - ``forward``: ``model(input_ids, attention_mask)`` under ``torch.no_grad()`` on pre-collated
   batches: the plain forward pass (it builds the [B, T, V] logits, as a forward does).
@@ -42,17 +42,23 @@ if __package__ in (None, ""):  # run as a file: make ``benchmarks`` and ``shiq_l
 
 import torch
 
-from benchmarks.bench_train_step import PRESETS, make_triples, model_config, word_tokenizer
 from benchmarks.common import (
     CLOCKS,
+    PRESETS,
+    add_common_args,
+    check_common_args,
     fmt_bytes,
     interleaved_times,
+    iqr_text,
+    make_triples,
     markdown_table,
     measure_memory,
+    model_config,
     publish,
     ratio_summary,
     start_run,
     time_summary,
+    word_tokenizer,
 )
 
 CASES = ("forward", "forward_logprobs", "precompute", "precompute_cached")
@@ -143,7 +149,7 @@ def build_markdown(payload: dict[str, Any]) -> str:
         f"Model: preset `{s['preset']}` (Llama-shaped, hidden {m['hidden_size']}, {m['num_hidden_layers']} layers, "
         f"vocabulary {m['vocab_size']}, {m['n_params'] / 1e6:.1f} M parameters). Data: {s['rows']} sequences of "
         f"{s['prompt_len']} prompt + {s['completion_len']} response tokens ({s['tokens']} tokens), batch {s['batch']}, "
-        f"float32, eval mode, no gradients.",
+        f"{s['dtype']}, eval mode, no gradients.",
         "",
         f"Machine: {mi['cpu']} ({mi['cpu_count']} cores), device {mi['device']}, torch {mi['torch']}, {s['threads']} "
         f"torch thread(s), load average {mi.get('loadavg_1m_5m_15m')} at the start, {mi.get('loadavg_end')} at the end. "
@@ -161,10 +167,10 @@ def build_markdown(payload: dict[str, Any]) -> str:
         r = res["ratios_over_forward"].get(name)
         table.append({
             "pass": name,
-            "time (s)": f"{c['times'][clock]['median']:.3f} [{c['times'][clock]['q1']:.3f}, {c['times'][clock]['q3']:.3f}]",
+            "time (s)": iqr_text(c['times'][clock]),
             f"({other[:-2]} clock)": f"{c['times'][other]['median']:.3f}",
             "tokens/s": f"{c['tokens_per_s']:.0f}",
-            "tokens/s vs forward": f"{r[clock]['median']:.3f} [{r[clock]['q1']:.3f}, {r[clock]['q3']:.3f}]" if r else "1",
+            "tokens/s vs forward": iqr_text(r[clock]) if r else "1",
             "torch peak": fmt_bytes(c["memory"]["peak_bytes"]),
             "largest tensor": fmt_bytes(c["memory"]["largest_alloc_bytes"]),
         })
@@ -176,26 +182,20 @@ def build_markdown(payload: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny model and data: a smoke test, not a measurement")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size (bench_train_step.PRESETS)")
+    add_common_args(ap, name="reference_precompute", threads=1)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size (common.PRESETS)")
     ap.add_argument("--rows", type=int, default=32, help="sequences in the dataset")
     ap.add_argument("--batch", type=int, default=8, help="precompute batch size")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--completion-len", type=int, default=192)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--clock", choices=CLOCKS, default=None,
-                    help="clock of the headline (default: cpu_s with one thread on a CPU, else wall_s)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results")
-    ap.add_argument("--name", default="reference_precompute", help="stem of the result files")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="model weights and compute")
     args = ap.parse_args(argv)
     if args.quick:
         args.preset, args.rows, args.batch, args.prompt_len, args.completion_len = "quick", 8, 4, 8, 24
         args.rounds, args.warmup = 2, 1
-    return args
+    return check_common_args(ap, args)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     seq_len = args.prompt_len + args.completion_len
     torch.manual_seed(args.seed)
-    model = LlamaForCausalLM(model_config(args.preset, seq_len)).to(device).eval()
+    model = LlamaForCausalLM(model_config(args.preset, seq_len)).to(device=device, dtype=getattr(torch, args.dtype)).eval()
     tokenizer = word_tokenizer(model.config.vocab_size)
     ds = build_dataset(tokenizer, rows=args.rows, prompt_len=args.prompt_len, completion_len=args.completion_len,
                        vocab_size=model.config.vocab_size, seed=args.seed)
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": {"preset": args.preset, "model": {**preset, "n_params": sum(p.numel() for p in model.parameters())},
                      "rows": args.rows, "batch": args.batch, "prompt_len": args.prompt_len,
                      "completion_len": args.completion_len, "tokens": tokens, "rounds": args.rounds,
-                     "warmup": args.warmup, "threads": args.threads, "dtype": "float32",
+                     "warmup": args.warmup, "threads": args.threads, "dtype": args.dtype,
                      "batch_logits_fp32_bytes": args.batch * seq_len * preset["vocab_size"] * 4},
         "headline": headline,
         "results": results,

@@ -3,10 +3,10 @@
 Two sweeps, each over the sequence length T (vocabulary fixed) and over the vocabulary V (T fixed):
 
 - **Loss kernel** (forward + backward from the final hidden states and the output layer, B = 1,
-  the cases of ``bench_loss_kernel``): PyTorch cross-entropy (``sft_ce``), ShiQ on full fp32 logits
+  the cases of ``benchmarks.kernel_cases``): PyTorch cross-entropy (``sft_ce``), ShiQ on full fp32 logits
   (``shiq_naive``) and the fused chunked kernel (``shiq_fused``). Time, peak torch memory and the
   largest temporary tensor.
-- **Training step** (``bench_train_step``'s lockstep processes, the ``small`` model with its
+- **Training step** (``benchmarks.lockstep``'s processes, the ``small`` model with its
   vocabulary set to V): ``ShiQTrainer`` vs plain SFT (``transformers.Trainer``), ``--step-batch``
   sequences of T tokens (a quarter prompt). Time, the peak torch memory and the largest tensor
   allocated during one optimizer step, and the process's peak RSS above the loaded model.
@@ -34,9 +34,20 @@ if __package__ in (None, ""):  # run as a file: make ``benchmarks`` and ``shiq_l
 
 import torch
 
-from benchmarks.bench_loss_kernel import METHOD_NAMES, make_problem, run_case
-from benchmarks.bench_train_step import PRESETS, run_lockstep, save_model
-from benchmarks.common import CLOCKS, fmt_bytes, markdown_table, publish, start_run, time_summary
+from benchmarks.common import (
+    CLOCKS,
+    PRESETS,
+    add_common_args,
+    check_common_args,
+    fmt_bytes,
+    markdown_table,
+    publish,
+    save_model,
+    start_run,
+    time_summary,
+)
+from benchmarks.kernel_cases import METHOD_NAMES, kernel_table, make_problem, run_case
+from benchmarks.lockstep import run_lockstep
 
 STEP_CONFIGS = ("sft", "shiq")
 
@@ -59,7 +70,7 @@ def loglog_slope(sizes: list[float], values: list[float]) -> float | None:
 
 def kernel_sweep(points: list[tuple[int, int]], *, hidden: int, rounds: int, warmup: int,
                  device: torch.device, clock: str, vocab_chunk_size: int | None = None) -> list[dict[str, Any]]:
-    """``bench_loss_kernel.run_case`` at each (T, V), B = 1, trained output layer (default tile unless given)."""
+    """``kernel_cases.run_case`` at each (T, V), B = 1, trained output layer (default tile unless given)."""
     rows = []
     tile = {"chunk_size": None, "vocab_chunk_size": vocab_chunk_size}
     for t, v in points:
@@ -139,21 +150,6 @@ def slopes(payload: dict[str, Any], clock: str) -> dict[str, Any]:
     return out
 
 
-def _kernel_table(rows: list[dict[str, Any]], clock: str) -> str:
-    table = []
-    for r in rows:
-        t, m = r["times"], r["memory"]
-        table.append({
-            "T": r["seq_len"], "V": r["vocab"], "[T,V] fp32": fmt_bytes(r["full_logits_fp32_bytes"]),
-            **{f"{k} (s)": f"{t[k][clock]['median']:.3f}" for k in METHOD_NAMES},
-            **{f"{k} peak": fmt_bytes(m[k]["peak_bytes"]) for k in METHOD_NAMES},
-            "naive largest temp": fmt_bytes(m["shiq_naive"]["largest_temp_bytes"]),
-            "fused largest temp": fmt_bytes(m["shiq_fused"]["largest_temp_bytes"]),
-            "fused / SFT time": f"{r['ratios']['time_fused_over_sft'][clock]['median']:.3f}",
-        })
-    return markdown_table(table, list(table[0]))
-
-
 def _step_table(rows: list[dict[str, Any]], clock: str) -> str:
     table = []
     for r in rows:
@@ -200,9 +196,9 @@ def build_markdown(payload: dict[str, Any]) -> str:
                                    "peak memory": f"{v['peak_memory']:.2f}" if v["peak_memory"] is not None else "n/a"})
     lines += [markdown_table(slope_rows, ["sweep", "case", "time", "peak memory"]), ""]
     lines += [f"## Loss kernel over T (B = 1, H = {s['hidden']}, V = {s['kernel_vocab']})", "",
-              _kernel_table(payload["kernel"]["seq_len"], clock), "",
+              kernel_table(payload["kernel"]["seq_len"], clock), "",
               f"## Loss kernel over V (B = 1, H = {s['hidden']}, T = {s['kernel_seq_len']})", "",
-              _kernel_table(payload["kernel"]["vocab"], clock), ""]
+              kernel_table(payload["kernel"]["vocab"], clock), ""]
     if not payload["step"]["seq_len"]:
         return "\n".join(lines)
     lines += [f"## Training step over T (preset `{s['preset']}`, B = {s['step_batch']}, V = {s['step_vocab']}, "
@@ -217,9 +213,7 @@ def build_markdown(payload: dict[str, Any]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke test, not a measurement")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    add_common_args(ap, name="scaling", threads=1)
     ap.add_argument("--hidden", type=int, default=256, help="kernel: H (the small preset's)")
     ap.add_argument("--kernel-seq-lens", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--kernel-vocab", type=int, default=16384, help="kernel: V of the T sweep")
@@ -236,11 +230,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--step-seq-len", type=int, default=128, help="step: T of the V sweep")
     ap.add_argument("--step-rounds", type=int, default=2)
     ap.add_argument("--no-step", action="store_true", help="only the loss-kernel sweeps")
-    ap.add_argument("--clock", choices=CLOCKS, default=None,
-                    help="clock of the tables (default: cpu_s with one thread on a CPU, else wall_s)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", type=Path, default=None, help="default: benchmarks/results")
-    ap.add_argument("--name", default="scaling", help="stem of the result files")
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.kernel_seq_lens, args.kernel_vocab = 32, [16, 32, 64], 1000
@@ -250,7 +239,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.step_vocabs, args.step_seq_len, args.step_rounds = [512, 2048], 16, 1
     if args.step_batch < 2 or args.step_batch % 2:
         ap.error(f"--step-batch {args.step_batch}: must be even")
-    return args
+    return check_common_args(ap, args)
 
 
 def _points(values: list[int], fixed: int, key: str) -> list[tuple[int, int]]:

@@ -8,7 +8,6 @@ script runs end to end and reports its ratios as finite positive numbers. No tim
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 import torch
 
 from benchmarks import bench_train_step as bts
+from benchmarks import common, lockstep
 from benchmarks.bench_scaling import loglog_slope
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,21 +28,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_word_tokenizer_round_trips_token_ids():
-    tok = bts.word_tokenizer(50)
-    triples = bts.make_triples(3, prompt_len=4, completion_len=5, vocab_size=50, seed=1)
+    tok = common.word_tokenizer(50)
+    triples = common.make_triples(3, prompt_len=4, completion_len=5, vocab_size=50, seed=1)
     for t in triples:
-        assert len(t["prompt_ids"]) == 4 and len(t["chosen_ids"]) == 5 and t["chosen_ids"][-1] == bts.EOS_ID
+        assert len(t["prompt_ids"]) == 4 and len(t["chosen_ids"]) == 5 and t["chosen_ids"][-1] == common.EOS_ID
         assert min(t["prompt_ids"] + t["chosen_ids"][:-1]) >= 4  # special ids never drawn
         # TRL tokenises prompt + " " + completion text; it must get exactly prompt_ids + chosen_ids
-        text = bts.ids_to_text(t["prompt_ids"]) + " " + bts.ids_to_text(t["chosen_ids"])
+        text = common.ids_to_text(t["prompt_ids"]) + " " + common.ids_to_text(t["chosen_ids"])
         assert tok(text, add_special_tokens=True)["input_ids"] == t["prompt_ids"] + t["chosen_ids"]
-    assert tok.pad_token_id == bts.PAD_ID and tok.eos_token_id == bts.EOS_ID
+    assert tok.pad_token_id == common.PAD_ID and tok.eos_token_id == common.EOS_ID
 
 
 def test_triples_are_deterministic_and_seeded():
-    a = bts.make_triples(2, 3, 4, 100, seed=0)
-    assert a == bts.make_triples(2, 3, 4, 100, seed=0)
-    assert a != bts.make_triples(2, 3, 4, 100, seed=1)
+    a = common.make_triples(2, 3, 4, 100, seed=0)
+    assert a == common.make_triples(2, 3, 4, 100, seed=0)
+    assert a != common.make_triples(2, 3, 4, 100, seed=1)
 
 
 def test_lm_head_flop_share_by_hand():
@@ -51,22 +51,22 @@ def test_lm_head_flop_share_by_hand():
                 intermediate_size=8, vocab_size=10)
     head = 2 * 4 * 10
     per_layer = 2 * 144 + 4 * 5 * 4
-    assert bts.lm_head_flop_share(arch, seq_len=5) == pytest.approx(head / (head + 3 * per_layer))
+    assert common.lm_head_flop_share(arch, seq_len=5) == pytest.approx(head / (head + 3 * per_layer))
     # the CPU preset is the "output layer matters" regime of small real LLMs (SmolLM2-135M: ~20%)
-    assert 0.2 < bts.lm_head_flop_share("small", 256) < 0.5
-    assert 0.1 < bts.lm_head_flop_share("smollm2-135m", 512) < 0.3
+    assert 0.2 < common.lm_head_flop_share("small", 256) < 0.5
+    assert 0.1 < common.lm_head_flop_share("smollm2-135m", 512) < 0.3
 
 
 def test_high_water_mark_sees_a_freed_allocation_and_resets():
     if not Path("/proc/self/status").exists():
         pytest.skip("needs Linux /proc")
-    assert bts.reset_hwm()
-    before = bts.hwm_bytes()
+    assert lockstep.reset_hwm()
+    before = lockstep.hwm_bytes()
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     del x
-    assert bts.hwm_bytes() - before >= 60 * 2**20
-    assert bts.reset_hwm()
-    assert bts.hwm_bytes() - bts.rss_bytes() < 8 * 2**20
+    assert lockstep.hwm_bytes() - before >= 60 * 2**20
+    assert lockstep.reset_hwm()
+    assert lockstep.hwm_bytes() - lockstep.rss_bytes() < 8 * 2**20
 
 
 def test_summarise_speedup_is_peer_time_over_shiq_time():
@@ -84,9 +84,9 @@ def test_summarise_speedup_is_peer_time_over_shiq_time():
 
 
 def test_peak_table_and_flag():
-    assert bts.peak_tflops(torch.device("cpu"), False, 3.5) == (3.5, "--peak-tflops")
-    assert bts.peak_tflops(torch.device("cpu"), True, None)[0] is None
-    names = [k for k, _ in bts.PEAK_TFLOPS_BF16]
+    assert common.peak_tflops(torch.device("cpu"), False, 3.5) == (3.5, "--peak-tflops")
+    assert common.peak_tflops(torch.device("cpu"), True, None)[0] is None
+    names = [k for k, _ in common.PEAK_TFLOPS_BF16]
     assert names.index("H100 PCIe") < names.index("H100")  # the PCIe card is matched before the SXM one
 
 
@@ -108,8 +108,7 @@ def test_bad_batch_is_refused():
 
 
 def _run_quick(module: str, out_dir: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1"}
+    env = common.offline_env(OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", module, "--quick", "--threads", "1", "--out-dir", str(out_dir)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -131,7 +130,7 @@ def test_train_step_quick(tmp_path):
         assert _positive(head[key]), key
     assert isinstance(head["meets_shiq_over_sft_goal"], bool) and isinstance(head["meets_shiq_over_dpo_goal"], bool)
     configs = payload["results"]["configs"]
-    assert set(configs) == set(bts.CONFIGS)
+    assert set(configs) == set(lockstep.CONFIGS)
     tokens = {c["tokens_per_step"] for c in configs.values()}
     s = payload["settings"]
     assert tokens == {s["batch"] * (s["prompt_len"] + s["completion_len"])}  # equal tokens for every trainer
@@ -176,3 +175,24 @@ def test_scaling_quick(tmp_path):
                 assert _positive(r["configs"][c]["step_memory"]["peak_bytes"])
         # the naive kernel's memory grows in proportion to T*V (slope 1 in T and in V)
         assert payload["slopes"]["kernel"][key]["shiq_naive"]["peak_memory"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_a_peer_that_does_not_import_is_named_not_fatal():
+    assert common.import_error("json", "dumps") is None
+    assert common.import_error("no_such_module_xyz").startswith("ModuleNotFoundError")
+    assert common.import_error("json", "no_such_name").startswith("AttributeError")
+
+
+@pytest.mark.slow
+def test_a_configuration_that_fails_its_setup_is_left_out(tmp_path):
+    model_dir = tmp_path / "model"
+    common.save_model("quick", model_dir, max_positions=32)
+    base = {"model_dir": str(model_dir), "batch": 2, "prompt_len": 4, "completion_len": 8, "steps": 2, "device": "cpu",
+            "bf16": False, "threads": 1, "seed": 0, "measure_memory": False, "profile": False}
+    specs = {"shiq": {**base, "config": "shiq"}, "broken": {**base, "config": "no-such-trainer"}}
+    failed: dict[str, str] = {}
+    times, reports = lockstep.run_lockstep(specs, rounds=1, warmup=1, log=False, failed=failed)
+    assert set(reports) == {"shiq"} and len(times["shiq"]["cpu_s"]) == 1
+    assert set(failed) == {"broken"} and "unknown configuration 'no-such-trainer'" in failed["broken"]
+    with pytest.raises(RuntimeError, match="no-such-trainer"):  # without ``failed``: strict
+        lockstep.run_lockstep({"broken": specs["broken"]}, rounds=1, warmup=1, log=False)

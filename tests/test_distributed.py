@@ -1,4 +1,5 @@
-"""Two CPU processes (accelerate launch, DDP over gloo) give the losses of one process with the same global batch.
+"""Two CPU processes (accelerate launch over gloo: DDP, and FSDP2 full shard) give the losses of one process
+with the same global batch.
 
 The loss of each micro-batch is its sum of terms divided by the item count of the whole step on
 all processes (see shiq_lab.train.trainer), so the split of a global batch over processes must not change
@@ -6,6 +7,13 @@ the losses, the gradient norms or the trained weights. One 2-process run takes 3
 (two interpreters importing torch + transformers); it is part of ``make test`` all the same, since
 this equality is what multi-GPU users rely on. The single-process counterpart of the same
 normalisation is tests/test_trainer.py::test_gradient_accumulation_gives_the_same_losses_as_a_big_batch.
+
+FSDP on CPU: torch's FSDP2 runs on gloo, but accelerate 1.15 enables FSDP only on accelerators (on
+CPU processes ``distributed_type: FSDP`` silently stays DDP over gloo with ``use_cpu``, or becomes
+``NO``, every process training alone, without it). ``tests/helpers/accelerate_fsdp_cpu.py`` lets
+the state become FSDP with the plugin of ``configs/accelerate/fsdp.yaml``; the test asserts that the
+parameters really are sharded DTensors. The DRO cases are strict xfails that document two trainer bugs
+(see their reasons); they flip to failures, and should be un-marked, when the trainer is fixed.
 """
 
 import json
@@ -24,6 +32,9 @@ from shiq_lab import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "train" / "tiny_cpu.yaml")
+FSDP_CONFIG = str(ROOT / "configs" / "accelerate" / "fsdp.yaml")
+FSDP_SHIM = str(ROOT / "tests" / "helpers" / "accelerate_fsdp_cpu.py")
+METRICS = ("loss", "grad_norm", "kl", "logratio", "residual_abs_mean", "first_residual_abs_mean")
 
 
 def _args(tmp_path, out, batch, loss_type):
@@ -39,21 +50,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("loss_type", ["shiq"])
-def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, loss_type):
+def _launch(tmp_path, engine: str, loss_type: str) -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable))
     if accelerate is None:
         pytest.skip("accelerate launcher not installed next to this python")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    # --multi_gpu without GPUs: torchrun starts the processes and accelerate picks gloo on CPU
-    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
-           "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "shiq_lab.cli", "train",
-           *_args(tmp_path, "two", 2, loss_type)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=220)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "find_unused_parameters" not in proc.stderr  # no DDP warning at every step
+    common = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--main_process_port",
+              str(_free_port())]
+    if engine == "ddp":
+        # --multi_gpu without GPUs: torchrun starts the processes and accelerate picks gloo on CPU
+        launch = ["--multi_gpu", *common, "--dynamo_backend", "no", "-m", "shiq_lab.cli"]
+    else:
+        launch = ["--config_file", FSDP_CONFIG, *common, FSDP_SHIM]
+    cmd = [accelerate, "launch", *launch, "train", *_args(tmp_path, "two", 2, loss_type)]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=220)
 
+
+def _assert_two_equal_one(tmp_path, loss_type: str) -> None:
     torch.set_num_threads(1)
     assert cli.main(["train", *_args(tmp_path, "one", 4, loss_type)]) == 0
 
@@ -63,10 +76,86 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, lo
     one, two = logs("one"), logs("two")
     assert len(one) == len(two) == 3
     assert one[0]["loss"] > 0 and one[-1]["kl"] > 0  # the run moved away from the reference
-    for a, b in zip(one, two):
-        for key in ("loss", "grad_norm", "kl", "logratio", "residual_abs_mean", "first_residual_abs_mean"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a["step"])
+    for a, b in zip(one, two, strict=True):
+        for key in METRICS:
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a["step"])
     w1 = load_file(str(tmp_path / "one" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
+    # FSDP's full state dict also writes the tied output layer: it must be the embedding
+    if "lm_head.weight" in set(w2) - set(w1):
+        assert torch.equal(w2.pop("lm_head.weight"), w2["model.embed_tokens.weight"])
+    assert set(w1) == set(w2)
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+    if loss_type == "dro":  # the value head is trained and saved alike
+        h1 = load_file(str(tmp_path / "one" / "shiq_value_head.safetensors"))
+        h2 = load_file(str(tmp_path / "two" / "shiq_value_head.safetensors"))
+        for k in h1:
+            assert torch.allclose(h1[k], h2[k], atol=1e-5), k
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("loss_type", ["shiq"])
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, loss_type):
+    proc = _launch(tmp_path, "ddp", loss_type)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "find_unused_parameters" not in proc.stderr  # no DDP warning at every step
+    _assert_two_equal_one(tmp_path, loss_type)
+
+
+@pytest.mark.timeout(240)
+def test_fsdp_full_shard_two_processes_match_one_process(tmp_path):
+    """FSDP2 full shard of the Llama blocks (configs/accelerate/fsdp.yaml): reference statistics, losses,
+    gradient norms and the gathered weights equal one process's."""
+    proc = _launch(tmp_path, "fsdp", "shiq")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # both processes hold shards (DTensor on dim 0) of the parameters, not copies
+    assert proc.stdout.count("accelerate_fsdp_cpu: FSDP DTensor (Shard(dim=0),)") == 2, proc.stdout[-2000:]
+    _assert_two_equal_one(tmp_path, "shiq")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.xfail(strict=True, reason="DRO under FSDP: the value head is now gathered and saved (save_value_head on every "
+                   "rank), and the logged losses of 2 processes equal 1 process, but the trained decoder weights differ "
+                   "(model.layers.1.mlp.down_proj.weight): the head's forward runs outside the FSDP root's forward, so "
+                   "its gradient path is not reduced like the decoder's. Open; DDP is exact (test below)")
+def test_fsdp_dro_value_head_two_processes_match_one_process(tmp_path):
+    proc = _launch(tmp_path, "fsdp", "dro")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_two_equal_one(tmp_path, "dro")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ddp_dro_value_head_two_processes_match_one_process(tmp_path):
+    """The DRO value head under DDP: it runs outside the wrapped model's forward, so with transformers' default
+    ``ddp_find_unused_parameters=True`` DDP marks its parameters ready twice and fails ('Expected to mark a
+    variable ready only once'); ShiQConfig's default (False) is what makes this pass."""
+    proc = _launch(tmp_path, "ddp", "dro")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_two_equal_one(tmp_path, "dro")
+
+
+@pytest.mark.parametrize("name, engine", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"), ("deepspeed_zero2", "DEEPSPEED"),
+                                          ("deepspeed_zero3", "DEEPSPEED")])
+def test_shipped_accelerate_configs_load(name, engine):
+    """accelerate's own loader reads every shipped config (DeepSpeed is not installed here: parsed, not launched)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    assert cfg.distributed_type.value == engine and cfg.num_processes == 2 and cfg.mixed_precision == "bf16"
+    if name == "fsdp":
+        import transformers.models.llama.modeling_llama as llama
+
+        fsdp = cfg.fsdp_config
+        assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_reshard_after_forward"] is True  # full shard
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        # the wrapped class is Llama's decoder block, which transformers lists as never to be split
+        assert fsdp["fsdp_transformer_layer_cls_to_wrap"] == "LlamaDecoderLayer"
+        assert "LlamaDecoderLayer" in llama.LlamaPreTrainedModel._no_split_modules
+        assert hasattr(llama, fsdp["fsdp_transformer_layer_cls_to_wrap"])
+    if name.startswith("deepspeed"):
+        assert cfg.deepspeed_config["zero_stage"] == int(name[-1])
+        assert cfg.deepspeed_config["gradient_clipping"] == 1.0

@@ -10,7 +10,14 @@ import pytest
 import torch
 from helpers.fake_lm import FakeLM, constant_table
 
-from shiq_lab.evaluation.frontier import CheckpointSpec, find_checkpoints, pareto_mask, plot_frontier, save_frontier
+from shiq_lab.evaluation.frontier import (
+    CheckpointSpec,
+    find_checkpoints,
+    frontier_summary,
+    pareto_mask,
+    plot_frontier,
+    save_frontier,
+)
 from shiq_lab.evaluation.generations import FRONTIER_COLUMNS, evaluate_policy, sequence_stats
 from shiq_lab.evaluation.sampling import sample_completions
 from shiq_lab.infra.models import load_model, load_tokenizer
@@ -129,10 +136,17 @@ def test_save_and_plot_frontier(tmp_path):
     assert paths["html"].exists() and (tmp_path / "f" / "plotly.min.js").exists()
     fig = plot_frontier(frame)
     names = [t.name for t in fig.data]
-    assert names == ["dpo β=0.5", "shiq β=0.1", "reference"]
+    assert names == ["dpo β=0.5", "shiq β=0.1", "reference"]  # ShiQ drawn after (on top of) the other losses
     shiq = fig.data[1]
     # each run's line starts at the reference point and follows its checkpoints in step order
     assert list(shiq.x) == [0.0, 1.1, 2.1] and list(shiq.y) == [0.5, 0.6, 0.7]
+    assert list(shiq.text) == ["", "", "β=0.1, step 20"]  # the run's last point carries its beta and step
+    assert list(shiq.customdata) == ["reference", "step 10", "step 20"]  # every point's hover its step
+    assert shiq.line.color == shiq.marker.color == "#d62728" and shiq.zorder > fig.data[0].zorder
+    assert fig.layout.legend.orientation == "h" and fig.layout.autosize and fig.layout.width is None
+    table = frontier_summary(frame)
+    assert list(table["run"]) == ["reference", "shiq β=0.1", "shiq β=0.1", "dpo β=0.5"]
+    assert table["reward"][1] == "0.600 ± 0.010" and len(table.columns) == 6
     with pytest.raises(ValueError, match="kl="):
         plot_frontier(frame, kl="kl")
 

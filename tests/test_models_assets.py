@@ -93,3 +93,19 @@ def test_smollm2_converts_from_gguf_and_answers() -> None:
                                   add_generation_prompt=True, return_tensors="pt")["input_ids"]
     out = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_two_processes_building_one_model_wait_for_each_other(tmp_path):
+    """Two ranks of a launch asking for an unbuilt model: one builds, the other waits and loads it (no half folder)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from shiq_lab.infra.models import model_folder, load_model; "
+            "f = model_folder('tiny'); load_model('tiny'); print(f)")
+    env = {**os.environ, "SHIQ_LAB_CACHE": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-500:] for _, err in outs]
+    assert {out.strip() for out, _ in outs} == {str(tmp_path / "models" / "tiny")}

@@ -21,6 +21,7 @@ model is loaded the same way: ``AutoModelForCausalLM.from_pretrained(folder)``.
 from __future__ import annotations
 
 import difflib
+import fcntl
 import json
 import logging
 import os
@@ -192,14 +193,20 @@ def model_folder(name: str, *, rebuild: bool = False) -> Path:
     if (folder / ".complete").exists() and not rebuild:
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-") as tmp:
-        staging = Path(tmp) / "model"
-        staging.mkdir()
-        MODEL_BUILDERS[name](staging)
-        (staging / ".complete").write_text(json.dumps({"name": name}) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        staging.rename(folder)
+    # one builder at a time across processes (two ranks of a launch both ask for the model): the others wait,
+    # then find it complete
+    with open(folder.parent / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / ".complete").exists() and not rebuild:
+            return folder
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-") as tmp:
+            staging = Path(tmp) / "model"
+            staging.mkdir()
+            MODEL_BUILDERS[name](staging)
+            (staging / ".complete").write_text(json.dumps({"name": name}) + "\n")
+            if folder.exists():
+                shutil.rmtree(folder)
+            staging.rename(folder)
     return folder
 
 

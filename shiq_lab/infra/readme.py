@@ -37,6 +37,12 @@ SECTIONS: dict[str, str] = {
     "imdb-tiny": "shiq_lab.tasks.imdb.report:readme_tiny",
     "imdb-mid": "shiq_lab.tasks.imdb.report:readme_mid",
     "imdb-smollm2": "shiq_lab.tasks.imdb.smollm2_report:readme_section",
+    # performance: renderers next to the benchmarks that write the results (benchmarks/ is importable from the root)
+    "performance-cpu-goals": "benchmarks.readme_sections:cpu_goals",
+    "performance-cpu-loss-kernel": "benchmarks.readme_sections:cpu_loss_kernel",
+    "performance-cpu-train-step": "benchmarks.readme_sections:cpu_train_step",
+    "performance-cpu-precompute-scaling": "benchmarks.readme_sections:cpu_precompute_scaling",
+    "performance-gpu": "benchmarks.readme_sections:gpu_receipt",
 }
 
 _BLOCK = re.compile(r"^<!-- BEGIN generated: (?P<name>[\w.-]+) -->\n(?P<body>.*?)^<!-- END generated: (?P=name) -->$",

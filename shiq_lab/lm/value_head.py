@@ -55,16 +55,25 @@ def attach_value_head(model: nn.Module, hidden_size: int) -> ValueHead:
     return head
 
 
-def save_value_head(model: nn.Module, folder: str | os.PathLike) -> str | None:
-    """Write the model's value head to ``folder/VALUE_HEAD_FILE``; returns the path (None: no head)."""
+def save_value_head(model: nn.Module, folder: str | os.PathLike, *, write: bool = True) -> str | None:
+    """Write the model's value head to ``folder/VALUE_HEAD_FILE``; returns the path (None: no head, or not written).
+
+    Call it on every process: under FSDP the head's tensors are shards, gathered here (a collective), and only
+    the process with ``write=True`` writes the file.
+    """
     head = value_head_of(model)
     if head is None:
         return None
     from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
 
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().contiguous()
+             for k, v in head.state_dict().items()}
+    if not write:
+        return None
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, VALUE_HEAD_FILE)
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, path)
+    save_file(state, path)
     return path
 
 

@@ -492,8 +492,9 @@ class ShiQTrainer(Trainer):
         """Save the model (a plain checkpoint: the value head is in its ``_keys_to_ignore_on_save``) and,
         for DRO, the value head next to it as :data:`VALUE_HEAD_FILE`. Checkpoints come through here too."""
         super().save_model(output_dir, _internal_call)
-        if self.args.should_save:
-            save_value_head(self.model, output_dir if output_dir is not None else self.args.output_dir)
+        # every process takes part (FSDP gathers the head's shards); the main one writes
+        save_value_head(self.model, output_dir if output_dir is not None else self.args.output_dir,
+                        write=self.args.should_save)
 
 
 def autocast_dtype(args: TrainingArguments) -> torch.dtype | None:

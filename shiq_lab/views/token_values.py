@@ -38,7 +38,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -72,7 +72,7 @@ QUANTITY_COLUMNS = {
     "kl": "KL(pi(.|s) || pi_ref(.|s)), nats",
 }
 
-Rewards = Union[None, float, Sequence[float], Sequence[Sequence[float]], Callable[[Sequence[int]], Sequence[float]]]
+Rewards = None | float | Sequence[float] | Sequence[Sequence[float]] | Callable[[Sequence[int]], Sequence[float]]
 
 
 @dataclass

@@ -356,9 +356,12 @@ def train_run(
     (folder / "run.json").write_text(json.dumps({
         "model": config.model, "loss_type": loss_type, "beta": beta, "max_steps": training.max_steps,
         "seconds": round(seconds, 2), "history": history,
+        # the z-scoring the trainer applied to the returns: per-token values in training units need it
+        "reward_stats": trainer.reward_stats,
         "points": [{"step": s, **r.row()} for s, r in callback.points],
     }, indent=1))
-    return {"points": callback.points, "history": history, "folder": folder, "seconds": seconds}
+    return {"points": callback.points, "history": history, "folder": folder, "seconds": seconds,
+            "reward_stats": trainer.reward_stats}
 
 
 @dataclass

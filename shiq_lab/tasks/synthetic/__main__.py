@@ -10,9 +10,13 @@ import argparse
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 from shiq_lab.infra.config import parse_config, report_errors
 from shiq_lab.tasks.synthetic.suite import SuiteConfig, run_suite, with_overrides, write_results
+
+RESULTS_DIR = "benchmarks/results"  # committed measurements: written by full runs only
+QUICK_DIR = "runs/bench-quick"  # ignored by git
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     syn = sub.add_parser("synthetic", help="ShiQ vs ablations vs DPO/DRO/CoPG on token trees with exact optima")
     syn.add_argument("--quick", action="store_true", help="small trees, one seed, short budget (< 1 min on one core)")
-    syn.add_argument("--out", default="benchmarks/results", help="folder for synthetic.json and synthetic.md (default: %(default)s)")
+    syn.add_argument("--out", default=None, help=f"folder for synthetic.json and synthetic.md (default: {RESULTS_DIR}, "
+                     f"or {QUICK_DIR} with --quick: a smoke run never writes the committed results)")
     syn.add_argument("--budget", type=int, help="optimiser steps per run, the same for every method (default: 200, or 60 with --quick)")
     syn.add_argument("--name", default=None, help="file stem of the results (default: synthetic, or synthetic_quick with --quick)")
     data = sub.add_parser("synthetic-data", help="write the synthetic tasks' trees and behaviour datasets")
@@ -28,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--quick", action="store_true", help="the quick suite's small trees instead of the full ones")
     data.add_argument("--seeds", type=int, nargs="+", help="seeds (default: those of the suite)")
     return parser
+
+
+def out_dir(out: str | None, quick: bool) -> Path | None:
+    """Where the suite writes: ``out``, else the committed results (full) or ``runs/bench-quick`` (quick).
+
+    None when a quick run is aimed at the committed results (refused).
+    """
+    path = Path(out or (QUICK_DIR if quick else RESULTS_DIR))
+    return None if quick and path.resolve() == Path(RESULTS_DIR).resolve() else path
 
 
 @report_errors
@@ -46,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         path = write_datasets(args.out, scale=preset.scale, seeds=seeds, size=preset.largest_size)
         print(f"wrote {path.parent} ({preset.scale} trees, seeds {seeds}, {preset.largest_size} paths per behaviour)")
         return 0
+    out = out_dir(args.out, args.quick)
+    if out is None:
+        print(f"error: --out {args.out}: a --quick run would overwrite the committed results; leave --out unset "
+              f"(default {QUICK_DIR}) or give another folder", file=sys.stderr)
+        return 2
     try:
         (cfg,) = parse_config((SuiteConfig,), rest, defaults=asdict(preset), prog="python -m shiq_lab.tasks.synthetic synthetic")
         cfg = with_overrides(cfg, budget=args.budget)
@@ -55,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     results = run_suite(cfg)
     name = args.name or ("synthetic_quick" if args.quick else "synthetic")
-    json_path, md_path = write_results(results, args.out, name=name)
+    json_path, md_path = write_results(results, out, name=name)
     print(f"wrote {json_path} and {md_path} in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -31,10 +31,9 @@ from shiq_lab.exact.tree import (
     state_occupancy,
     state_values,
 )
-from shiq_lab.exact.tree import coverage as action_coverage
 from shiq_lab.tasks.synthetic.forest import Forest, per_copy, per_copy_mean
 
-__all__ = ["policy_metrics", "sequences_to_target", "action_coverage", "exact_frontier", "reward_gap"]
+__all__ = ["policy_metrics", "sequences_to_target", "exact_frontier", "reward_gap"]
 
 
 def _state_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,483 @@
+"""The whole GPU measurement of issue 14 in one command, under 8 minutes on one H200, with one receipt.
+
+    bash benchmarks/gpu_check.sh                 # on the GPU machine (carry .gpu-wheels/, see gpu_wheels.sh)
+    python -m benchmarks.gpu_check --dry-run     # CPU, toy sizes: what `make test` runs so that it cannot rot
+
+Stages, in order of importance, each in its own subprocess with its own time budget (capped by what is left of
+the total), so that a stage that fails, hangs or runs out of time loses only itself; the receipt
+(``gpu_check.json`` + ``.md``) is rewritten after every stage, so a killed run still leaves what it measured:
+
+- ``environment``: device, driver, CUDA, and the versions of torch, transformers, triton, trl, liger-kernel, ...
+- ``wheels``: installs, from the carried cp312 wheels, the distributions the image lacks (``--no-deps``,
+  never replacing an installed one); what ``gpu_wheels.sh`` had to leave out is recorded.
+- ``precision``: bf16 against fp64 values and gradients of the fused ShiQ loss (the CPU test's tolerances).
+- ``loss_kernel``: ``bench_loss_kernel`` in bf16 at V = 49,152, T = 512 to 4,096: fused ShiQ against
+  ``F.cross_entropy`` and Liger's fused linear cross-entropy, time and peak CUDA memory.
+- ``train_step``: ``bench_train_step`` on SmolLM2-135M's shape, bf16, 32 x 512 = 16,384 tokens per step:
+  ShiQTrainer against the SFT Trainer and TRL's DPOTrainer (default and precomputed reference); tokens/s,
+  peak memory, MFU, and a CUDA profile of one step of each.
+- ``kernel_profile``: where the time of the fused kernel and of Liger's goes (CUDA kernel time per operator).
+- ``reference_precompute``: ``bench_reference_precompute`` against a plain forward, bf16.
+- ``notebook04``: notebook 04 executed on the GPU with the real model, where its asset and papermill are there.
+
+2-process FSDP is not a stage: one GPU cannot host a 2-rank NCCL group; its equivalence with one process runs
+on CPU (gloo) in ``tests/test_distributed.py``. Goals (ratios within this one run, medians [quartiles] over
+the rounds) are evaluated into the receipt: met, NOT met (with what limits it), or not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import QUICK_DIR, ROOT, fmt_bytes, markdown_table, offline_env, resolve_out_dir, versions
+
+#: issue 14's GPU goals: (key, description, comparison, bound)
+GOALS: tuple[tuple[str, str, str, float], ...] = (
+    ("shiq_over_sft", "ShiQ step tokens/s / SFT Trainer", ">=", 1.0),
+    ("shiq_over_dpo", "ShiQ step tokens/s / TRL DPOTrainer (default)", ">=", 1.3),
+    ("shiq_mfu", "ShiQ MFU, SmolLM2-135M, >= 16k tokens per step", ">=", 0.35),
+    ("fused_over_liger_time", "loss kernel time / Liger fused linear CE (trained output layer)", "<=", 1.4),
+    ("fused_over_liger_memory", "loss kernel peak memory / Liger fused linear CE", "<=", 1.0),
+)
+MODULES = ("torch", "transformers", "accelerate", "peft", "triton", "trl", "liger_kernel", "datasets", "papermill",
+           "plotly", "gguf", "tensorboard", "pandas", "pyarrow")
+TOTAL_BUDGET_S = 480.0  # 8 minutes on one H200
+RECEIPT = "gpu_check"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage: a command (argv of a subprocess) or an in-process function, and its time budget."""
+
+    name: str
+    budget_s: float
+    dry_budget_s: float
+    command: Callable[[Context], list[str] | None] | None = None  # None result: skipped (reason in ctx.skip)
+    inline: Callable[[Context], dict[str, Any]] | None = None
+
+
+@dataclass
+class Context:
+    dry_run: bool
+    device: str
+    work: Path
+    wheels: Path
+    skip: dict[str, str]
+
+
+# ---------------------------------------------------------------------------------------------
+# in-process stages (cheap, cannot hang)
+# ---------------------------------------------------------------------------------------------
+
+
+def _nvidia_smi() -> dict[str, str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError) as err:
+        return {"error": f"nvidia-smi: {err}"}
+    name, driver, memory = (x.strip() for x in out[0].split(","))
+    return {"name": name, "driver": driver, "memory": memory}
+
+
+def environment(ctx: Context) -> dict[str, Any]:
+    """What ran: device, driver, CUDA, Python and package versions."""
+    import torch
+
+    info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpu_count": os.cpu_count(), "versions": versions(MODULES), "device": ctx.device}
+    if ctx.device == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
+        info["capability"] = list(torch.cuda.get_device_capability(0))
+        info["nvidia_smi"] = _nvidia_smi()
+    return info
+
+
+def _dist_name(wheel: Path) -> str:
+    return wheel.name.split("-")[0].lower().replace("_", "-")
+
+
+def install_wheels(ctx: Context) -> dict[str, Any]:
+    """Install the carried wheels whose distribution is missing here (no index, no dependencies resolved)."""
+    from importlib import metadata
+
+    manifest_path = ctx.wheels / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    out: dict[str, Any] = {"folder": str(ctx.wheels), "skipped_by_gpu_wheels": manifest.get("skipped", []),
+                           "present": [], "installed": [], "failed": []}
+    wheels = sorted(ctx.wheels.glob("*.whl"))
+    if not wheels:
+        out["note"] = f"no wheels in {ctx.wheels} (run benchmarks/gpu_wheels.sh and carry the folder)"
+        return out
+    missing = []
+    for w in wheels:
+        try:
+            out["present"].append(f"{_dist_name(w)} {metadata.version(_dist_name(w))}")
+        except metadata.PackageNotFoundError:
+            missing.append(w)
+    if ctx.dry_run:  # never change this machine's environment in a dry run
+        out["would_install"] = [w.name for w in missing]
+        return out
+    for w in missing:
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(w)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0 and "externally-managed" in proc.stderr:  # a distribution's Python (PEP 668)
+            proc = subprocess.run([*cmd, "--break-system-packages"], capture_output=True, text=True, timeout=120)
+        (out["installed"] if proc.returncode == 0 else out["failed"]).append(
+            w.name if proc.returncode == 0 else f"{w.name}: {proc.stderr.strip()[-300:]}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# stage workers (run in a subprocess: python -m benchmarks.gpu_check --stage-worker NAME)
+# ---------------------------------------------------------------------------------------------
+
+
+def worker_precision(device: str, dry_run: bool) -> dict[str, Any]:
+    import torch
+
+    from benchmarks.kernel_cases import precision_check
+
+    size = {"batch": 2, "seq_len": 32, "hidden": 32, "vocab": 500} if dry_run else \
+        {"batch": 2, "seq_len": 512, "hidden": 576, "vocab": 49152}
+    return precision_check(torch.device(device), **size)
+
+
+def worker_kernel_profile(device: str, dry_run: bool) -> dict[str, Any]:
+    """CUDA kernel time per operator of one forward + backward of the fused ShiQ kernel and of each peer."""
+    import torch
+
+    from benchmarks.common import profile_table
+    from benchmarks.kernel_cases import METHODS, liger_available, make_problem
+
+    dev = torch.device(device)
+    t, h, v = (64, 32, 1000) if dry_run else (4096, 576, 49152)
+    p = make_problem(1, t, h, v, dtype=torch.bfloat16, device=dev)
+    out: dict[str, Any] = {"shape": {"batch": 1, "seq_len": t, "hidden": h, "vocab": v}, "dtype": "bfloat16"}
+    for name in ("shiq_fused", "sft_ce", *(("liger_flce",) if liger_available(dev) else ())):
+        def step(name=name):
+            METHODS[name](p).backward()
+            p.hidden.grad = p.weight.grad = None
+        step()  # warm-up (Triton compiles on first use)
+        out[name] = profile_table(step, dev, rows=12)
+    return out
+
+
+WORKERS: dict[str, Callable[[str, bool], dict[str, Any]]] = {
+    "precision": worker_precision, "kernel_profile": worker_kernel_profile}
+
+
+def worker_notebook04(device: str, dry_run: bool) -> dict[str, Any]:
+    """Execute notebook 04 with papermill: the real model on the GPU (tiny CPU defaults in a dry run)."""
+    from shiq_lab.infra.notebook_runner import run_notebook
+
+    params: dict[str, Any] = {"device": device}
+    if not dry_run:
+        params.update(model="smollm2-135m", max_steps=100, batch_size=64, n_eval_prompts=128, max_new_tokens=32,
+                      betas=[0.1], loss_types=["shiq", "dpo"], n_checkpoints=2)
+    out_dir = Path(tempfile.mkdtemp(prefix="gpu-check-nb04-"))
+    run = run_notebook(ROOT / "notebooks" / "04_finetune.ipynb", parameters=params, output_dir=out_dir)
+    return {"parameters": params, "seconds": run.seconds if hasattr(run, "seconds") else None,
+            "output": str(out_dir)}
+
+
+WORKERS["notebook04"] = worker_notebook04
+
+
+# ---------------------------------------------------------------------------------------------
+# the stages
+# ---------------------------------------------------------------------------------------------
+
+
+def _bench(module: str, name: str, full: list[str], dry: list[str]) -> Callable[[Context], list[str]]:
+    def build(ctx: Context) -> list[str]:
+        args = ["--quick", "--device", "cpu", "--threads", "1", *dry] if ctx.dry_run else \
+            ["--device", "cuda", "--threads", "0", *full]
+        return [sys.executable, "-m", f"benchmarks.{module}", *args, "--out-dir", str(ctx.work), "--name", name]
+    return build
+
+
+def _worker(name: str) -> Callable[[Context], list[str]]:
+    def build(ctx: Context) -> list[str]:
+        return [sys.executable, "-m", "benchmarks.gpu_check", "--stage-worker", name, "--device", ctx.device,
+                "--stage-out", str(ctx.work / f"{name}.json"), *(["--dry-run"] if ctx.dry_run else [])]
+    return build
+
+
+def _notebook(ctx: Context) -> list[str] | None:
+    from benchmarks.common import importable
+
+    missing = [m for m in ("papermill", "ipykernel", "plotly") if not importable(m)]
+    if missing:
+        ctx.skip["notebook04"] = (f"{', '.join(missing)} not installed (gpu_wheels.sh leaves papermill and plotly out "
+                                  f"when pyarrow takes the carry budget; see the wheels stage)")
+        return None
+    if not ctx.dry_run:
+        from shiq_lab.infra.assets import assets_dir
+
+        if not (assets_dir() / "smollm2" / ".complete").exists():
+            ctx.skip["notebook04"] = (f"the SmolLM2-135M asset is not in {assets_dir()} (94 MiB: over the 64 MiB "
+                                      f"carry cap; set SHIQ_LAB_ASSETS to a folder that has it)")
+            return None
+    return _worker("notebook04")(ctx)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("environment", 20, 20, inline=environment),
+    Stage("wheels", 90, 20, inline=install_wheels),
+    Stage("precision", 40, 60, command=_worker("precision")),
+    Stage("loss_kernel", 100, 120, command=_bench(
+        "bench_loss_kernel", "loss_kernel_gpu",
+        ["--dtype", "bfloat16", "--liger", "--batch", "1", "--seq-len", "4096", "--rounds", "15", "--warmup", "3",
+         "--scaling-seq-lens", "512", "1024", "2048", "4096", "--scaling-vocabs", "49152", "--scaling-rounds", "10"],
+        ["--dtype", "bfloat16", "--liger", "--no-scaling"])),
+    Stage("train_step", 170, 240, command=_bench(
+        "bench_train_step", "train_step_gpu",
+        ["--bf16", "--preset", "smollm2-135m", "--batch", "32", "--prompt-len", "128", "--completion-len", "384",
+         "--rounds", "8", "--warmup", "2", "--profile"],
+        ["--configs", "sft", "shiq", "--profile"])),
+    Stage("kernel_profile", 40, 60, command=_worker("kernel_profile")),
+    Stage("reference_precompute", 60, 120, command=_bench(
+        "bench_reference_precompute", "reference_precompute_gpu",
+        ["--preset", "smollm2-135m", "--dtype", "bfloat16", "--rows", "256", "--batch", "32", "--prompt-len", "128",
+         "--completion-len", "384", "--rounds", "5", "--warmup", "1"], [])),
+    Stage("notebook04", 150, 300, command=_notebook),
+)
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+# ---------------------------------------------------------------------------------------------
+# goals, receipt
+# ---------------------------------------------------------------------------------------------
+
+
+def _load(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def evaluate_goals(stages: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal: its value and spread from this run's stages, and met / NOT met / not measured."""
+    values: dict[str, tuple[float, list[float] | None, str]] = {}
+    train = (stages.get("train_step") or {}).get("result") or {}
+    sp = (train.get("results") or {}).get("shiq_speedup", {})
+    clock = (train.get("headline") or {}).get("clock", "wall_s")
+    for peer in ("sft", "dpo"):
+        if peer in sp:
+            r = sp[peer][clock]
+            values[f"shiq_over_{peer}"] = (r["median"], [r["q1"], r["q3"]], f"{r['n']} rounds")
+    shiq = ((train.get("results") or {}).get("configs") or {}).get("shiq") or {}
+    if shiq.get("mfu") is not None:
+        tps = shiq["tokens_per_s_iqr"]
+        mfu = shiq["mfu"]
+        values["shiq_mfu"] = (mfu, [mfu * tps[0] / shiq["tokens_per_s"], mfu * tps[1] / shiq["tokens_per_s"]],
+                              f"{shiq['tokens_per_step']} tokens per step")
+    kernel = (stages.get("loss_kernel") or {}).get("result") or {}
+    head = kernel.get("headline") or {}
+    if "time_fused_over_liger" in head:
+        r = head["time_fused_over_liger_iqr"]
+        values["fused_over_liger_time"] = (r["median"], [r["q1"], r["q3"]],
+                                           f"floor 4/3; measured / floor = {r['median'] / head['matmul_floor']:.3f}")
+        values["fused_over_liger_memory"] = (head["peak_memory_fused_over_liger"], None, "peak CUDA bytes")
+    out = []
+    for key, text, op, bound in GOALS:
+        row: dict[str, Any] = {"goal": key, "what": text, "bound": f"{op} {bound}"}
+        if key in values:
+            v, spread, note = values[key]
+            ok = v >= bound if op == ">=" else v <= bound
+            row.update(value=v, spread=spread, note=note, status="met" if ok else "NOT met")
+        else:
+            row.update(value=None, spread=None, note="", status="not measured")
+        out.append(row)
+    return out
+
+
+def _fmt(v: float | None, spread: list[float] | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3f}" + (f" [{spread[0]:.3f}, {spread[1]:.3f}]" if spread else "")
+
+
+def build_markdown(receipt: dict[str, Any]) -> str:
+    env = (receipt["stages"].get("environment") or {}).get("result") or {}
+    ver = env.get("versions", {})
+    lines = [
+        "# GPU check receipt (issue 14)",
+        "",
+        *(["**Dry run (--dry-run): CPU, toy sizes; not a measurement.**", ""] if receipt["dry_run"] else []),
+        (f"Device: {env.get('gpu', env.get('device', '?'))}, driver {env.get('nvidia_smi', {}).get('driver', 'n/a')}, "
+         f"CUDA {env.get('cuda', 'n/a')}; torch {ver.get('torch')}, transformers {ver.get('transformers')}, "
+         f"triton {ver.get('triton')}, trl {ver.get('trl')}, liger-kernel {ver.get('liger_kernel')}, "
+         f"accelerate {ver.get('accelerate')}. Total {receipt['elapsed_s']:.0f} s of a {receipt['budget_s']:.0f} s "
+         f"budget{' (finished)' if receipt['finished'] else ' (partial: still running or killed)'}."),
+        "",
+        "## Goals (ratios within this run: median [quartiles] over the rounds)",
+        "",
+        markdown_table([{"goal": g["what"], "bound": g["bound"], "measured": _fmt(g["value"], g["spread"]),
+                         "status": g["status"], "note": g["note"]} for g in receipt["goals"]],
+                       ["goal", "bound", "measured", "status", "note"]),
+        "",
+        "## Stages",
+        "",
+        markdown_table([{"stage": n, "status": s["status"], "seconds": f"{s['seconds']:.1f}",
+                         "budget (s)": f"{s['budget_s']:.0f}", "note": s.get("reason", "")[:160]}
+                        for n, s in receipt["stages"].items()], ["stage", "status", "seconds", "budget (s)", "note"]),
+    ]
+    prof = (receipt["stages"].get("kernel_profile") or {}).get("result") or {}
+    for name in ("shiq_fused", "liger_flce", "sft_ce"):
+        if name in prof:
+            p = prof[name]
+            lines += ["", f"### Where {name}'s time goes ({p['clock']}, total {p['total_ms']:.2f} ms)", "",
+                      markdown_table([{"op": o["op"][:60], "ms": f"{o['ms']:.3f}", "share": f"{100 * o['share']:.1f}%",
+                                       "calls": o["calls"]} for o in p["top_ops"][:8]], ["op", "ms", "share", "calls"])]
+    train = (receipt["stages"].get("train_step") or {}).get("result") or {}
+    configs = (train.get("results") or {}).get("configs") or {}
+    if configs:
+        lines += ["", "### Training step", "", markdown_table(
+            [{"trainer": n, "tokens/s": f"{c['tokens_per_s']:.0f}",
+              "tokens/s [quartiles]": f"[{c['tokens_per_s_iqr'][0]:.0f}, {c['tokens_per_s_iqr'][1]:.0f}]",
+              "MFU": f"{100 * c['mfu']:.1f}%" if c.get("mfu") is not None else "n/a",
+              "CUDA max allocated": fmt_bytes(c.get("cuda_max_allocated_bytes", -1))} for n, c in configs.items()],
+            ["trainer", "tokens/s", "tokens/s [quartiles]", "MFU", "CUDA max allocated"])]
+        for name, why in ((train.get("settings") or {}).get("skipped_configs") or {}).items():
+            lines += ["", f"Left out: {name}: {why.strip().splitlines()[-1][:300] if why.strip() else '?'}"]
+    for name, p in (train.get("profiles") or {}).items():
+        lines += ["", f"### Where a {name} step's time goes ({p['clock']}, total {p['total_ms']:.1f} ms)", "",
+                  markdown_table([{"op": o["op"][:60], "ms": f"{o['ms']:.2f}", "share": f"{100 * o['share']:.1f}%",
+                                   "calls": o["calls"]} for o in p["top_ops"][:8]], ["op", "ms", "share", "calls"])]
+    return "\n".join(lines)
+
+
+def write_receipt(receipt: dict[str, Any], out_dir: Path) -> None:
+    """Rewrite the receipt (JSON + markdown) atomically: a run killed mid-write leaves the previous one."""
+    receipt["goals"] = evaluate_goals(receipt["stages"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(receipt, indent=1) + "\n"), (".md", build_markdown(receipt) + "\n")):
+        tmp = out_dir / f".{RECEIPT}{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(out_dir / f"{RECEIPT}{suffix}")
+
+
+def _result_of(stage: Stage, ctx: Context) -> dict[str, Any] | None:
+    stem = {"loss_kernel": "loss_kernel_gpu", "train_step": "train_step_gpu",
+            "reference_precompute": "reference_precompute_gpu"}.get(stage.name, stage.name)
+    return _load(ctx.work / f"{stem}.json")
+
+
+def run_stage(stage: Stage, ctx: Context, budget_s: float) -> dict[str, Any]:
+    """Run one stage within ``budget_s``; never raises (the error is the stage's status)."""
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"status": "ok", "budget_s": budget_s}
+    try:
+        if stage.inline is not None:
+            rec["result"] = stage.inline(ctx)
+        else:
+            argv = stage.command(ctx)
+            if argv is None:
+                rec.update(status="skipped", reason=ctx.skip.get(stage.name, "skipped"))
+            else:
+                rec["command"] = " ".join(argv[1:])
+                proc = subprocess.run(argv, cwd=ROOT, env=offline_env(), capture_output=True, text=True,
+                                      timeout=budget_s)
+                rec["result"] = _result_of(stage, ctx)
+                if proc.returncode != 0:
+                    rec.update(status="failed", reason=f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}")
+                elif rec["result"] is None:
+                    rec.update(status="failed", reason="no result file was written")
+                elif "Liger" in proc.stdout and "skipped" in proc.stdout:
+                    rec["note"] = "Liger's kernel skipped (needs CUDA and liger-kernel)"
+    except subprocess.TimeoutExpired:
+        rec.update(status="timeout", reason=f"ran past its {budget_s:.0f} s budget", result=_result_of(stage, ctx))
+    except Exception as err:  # noqa: BLE001 -- one failing stage must not lose the others
+        rec.update(status="failed", reason=f"{type(err).__name__}: {err}")
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """All stages in order within the total budget; the receipt is rewritten after each."""
+    out_dir = resolve_out_dir(args.out_dir, args.dry_run)
+    device = "cpu" if args.dry_run else "cuda"
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    ctx = Context(dry_run=args.dry_run, device=device, work=work, wheels=Path(args.wheels), skip={})
+    total = args.budget_s or (300.0 if args.dry_run else TOTAL_BUDGET_S)
+    receipt: dict[str, Any] = {"receipt": RECEIPT, "dry_run": args.dry_run, "budget_s": total, "elapsed_s": 0.0,
+                               "finished": False, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                               "stages": {}, "goals": []}
+    overrides = dict(kv.split("=", 1) for kv in args.stage_budget)
+    t0 = time.perf_counter()
+    for stage in STAGES:
+        if stage.name not in args.stages:
+            continue
+        left = total - (time.perf_counter() - t0)
+        budget = min(float(overrides.get(stage.name, stage.dry_budget_s if args.dry_run else stage.budget_s)), left)
+        if budget < 1:
+            receipt["stages"][stage.name] = {"status": "skipped", "reason": "no time left in the total budget",
+                                             "budget_s": 0.0, "seconds": 0.0}
+        else:
+            print(f"gpu_check: {stage.name} (budget {budget:.0f} s)", flush=True)
+            receipt["stages"][stage.name] = run_stage(stage, ctx, budget)
+            print(f"gpu_check: {stage.name}: {receipt['stages'][stage.name]['status']} in "
+                  f"{receipt['stages'][stage.name]['seconds']:.1f} s", flush=True)
+        receipt["elapsed_s"] = time.perf_counter() - t0
+        write_receipt(receipt, out_dir)
+    receipt["finished"] = True
+    write_receipt(receipt, out_dir)
+    print(build_markdown(receipt))
+    print(f"\nwrote {out_dir / (RECEIPT + '.json')} and {out_dir / (RECEIPT + '.md')}")
+    return receipt
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dry-run", action="store_true", help="CPU, toy sizes: checks the script, measures nothing")
+    ap.add_argument("--out-dir", type=Path, default=None,
+                    help=f"default: benchmarks/results (GPU run) or {QUICK_DIR.relative_to(ROOT)} (--dry-run)")
+    ap.add_argument("--stages", nargs="+", choices=STAGE_NAMES, default=list(STAGE_NAMES))
+    ap.add_argument("--budget-s", type=float, default=None, help=f"total seconds (default {TOTAL_BUDGET_S:.0f}; 300 dry)")
+    ap.add_argument("--stage-budget", nargs="*", default=[], metavar="STAGE=SECONDS", help="override a stage's budget")
+    ap.add_argument("--wheels", default=str(ROOT / ".gpu-wheels"), help="folder of carried wheels")
+    ap.add_argument("--stage-worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--stage-out", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    for kv in args.stage_budget:
+        if "=" not in kv or kv.split("=", 1)[0] not in STAGE_NAMES:
+            ap.error(f"--stage-budget {kv!r}: write STAGE=SECONDS with STAGE one of {', '.join(STAGE_NAMES)}")
+    if not args.dry_run and args.stage_worker is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("no CUDA device: run on the GPU machine, or pass --dry-run for the CPU check of this script")
+    try:
+        resolve_out_dir(args.out_dir, args.dry_run)
+    except ValueError as err:
+        ap.error(str(err).replace("--quick", "--dry-run"))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    offline_env(apply=True)
+    args = parse_args(argv)
+    if args.stage_worker:
+        result = WORKERS[args.stage_worker](args.device or "cpu", args.dry_run)
+        args.stage_out.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
+    receipt = run(args)
+    return 0 if all(s["status"] in ("ok", "skipped") for s in receipt["stages"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""The GPU check's CPU dry run (benchmarks/gpu_check.py --dry-run): the script cannot rot without a GPU.
+
+The fast test runs the cheap stages at toy size and forces one of them past its budget: the others must
+still be measured and the receipt (JSON + markdown) must say which stage timed out. The slow one runs
+every stage. Neither writes into benchmarks/results/ (asserted byte for byte).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_check
+from benchmarks.common import offline_env
+from tests.test_benchmarks_quick import results_digest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _dry_run(tmp_path: Path, *extra: str, timeout: int = 300) -> dict:
+    before = results_digest()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out-dir", str(tmp_path),
+                           "--wheels", str(tmp_path / "no-wheels"), *extra],
+                          cwd=ROOT, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=timeout)
+    assert results_digest() == before
+    receipt = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert receipt["dry_run"] is True and receipt["finished"] is True
+    assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check receipt")
+    receipt["returncode"], receipt["stdout"] = proc.returncode, proc.stdout
+    return receipt
+
+
+def test_dry_run_one_stage_out_of_time_loses_only_itself(tmp_path):
+    receipt = _dry_run(tmp_path, "--stages", "environment", "wheels", "precision", "loss_kernel",
+                       "--stage-budget", "precision=1")
+    stages = receipt["stages"]
+    assert list(stages) == ["environment", "wheels", "precision", "loss_kernel"]
+    assert stages["precision"]["status"] == "timeout" and "budget" in stages["precision"]["reason"]
+    assert receipt["returncode"] == 1  # a stage did not finish: the command says so
+    assert stages["environment"]["status"] == "ok"
+    assert set(gpu_check.MODULES) <= set(stages["environment"]["result"]["versions"])
+    assert stages["wheels"]["result"]["note"].startswith("no wheels")
+    kernel = stages["loss_kernel"]
+    assert kernel["status"] == "ok" and kernel["result"]["quick"] is True
+    assert kernel["result"]["settings"]["dtype"] == "bfloat16" and kernel["result"]["settings"]["liger"] is False
+    # no GPU, no Liger, no trainer stage: every goal is reported, none is claimed
+    assert [g["goal"] for g in receipt["goals"]] == [g[0] for g in gpu_check.GOALS]
+    assert {g["status"] for g in receipt["goals"]} == {"not measured"}
+
+
+def test_goals_are_evaluated_from_the_stage_results():
+    ratio = {"median": 1.2, "q1": 1.1, "q3": 1.3, "n": 8}
+    stages = {
+        "train_step": {"result": {"headline": {"clock": "wall_s"}, "results": {
+            "shiq_speedup": {"sft": {"wall_s": ratio}, "dpo": {"wall_s": {**ratio, "median": 1.25}}},
+            "configs": {"shiq": {"mfu": 0.4, "tokens_per_s": 100.0, "tokens_per_s_iqr": [90.0, 110.0],
+                                 "tokens_per_step": 16384}}}}},
+        "loss_kernel": {"result": {"headline": {"time_fused_over_liger": 1.5, "matmul_floor": 4 / 3,
+                                                "time_fused_over_liger_iqr": {**ratio, "median": 1.5},
+                                                "peak_memory_fused_over_liger": 0.9}}},
+    }
+    goals = {g["goal"]: g for g in gpu_check.evaluate_goals(stages)}
+    assert goals["shiq_over_sft"]["status"] == "met" and goals["shiq_over_sft"]["spread"] == [1.1, 1.3]
+    assert goals["shiq_over_dpo"]["status"] == "NOT met"  # 1.25 < 1.3
+    assert goals["shiq_mfu"]["status"] == "met" and goals["shiq_mfu"]["spread"] == pytest.approx([0.36, 0.44])
+    assert goals["fused_over_liger_time"]["status"] == "NOT met"
+    assert "measured / floor = 1.125" in goals["fused_over_liger_time"]["note"]
+    assert goals["fused_over_liger_memory"]["status"] == "met"
+
+
+def test_no_gpu_and_no_dry_run_is_a_clear_usage_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args([])
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--dry-run", "--stage-budget", "nostage=3"])
+
+
+@pytest.mark.slow
+def test_dry_run_every_stage(tmp_path):
+    receipt = _dry_run(tmp_path, timeout=600)
+    stages = receipt["stages"]
+    assert list(stages) == list(gpu_check.STAGE_NAMES)
+    for name in ("environment", "precision", "loss_kernel", "train_step", "kernel_profile", "reference_precompute"):
+        assert stages[name]["status"] == "ok", (name, stages[name].get("reason"))
+    assert stages["precision"]["result"]["passed"] is True
+    assert set(stages["train_step"]["result"]["results"]["configs"]) == {"sft", "shiq"}
+    assert stages["notebook04"]["status"] in ("ok", "skipped")
+
+
+def test_the_gpu_commands_parse(tmp_path):
+    """The full (GPU) command of every benchmark stage is accepted by its script's parser (no typo waits for a GPU)."""
+    import importlib
+
+    ctx = gpu_check.Context(dry_run=False, device="cuda", work=tmp_path, wheels=tmp_path, skip={})
+    parsed = 0
+    for stage in gpu_check.STAGES:
+        if stage.command is None or stage.name == "notebook04":
+            continue
+        argv = stage.command(ctx)
+        assert argv[1] == "-m", argv
+        module = importlib.import_module(argv[2])
+        if argv[2] == "benchmarks.gpu_check":
+            assert argv[3] == "--stage-worker" and argv[4] in gpu_check.WORKERS
+        else:
+            args = module.parse_args(argv[3:])
+            assert args.device == "cuda" and args.out_dir == tmp_path.resolve() and not args.quick
+            parsed += 1
+    assert parsed == 3
+    args = importlib.import_module("benchmarks.bench_train_step").parse_args(
+        gpu_check.STAGES[gpu_check.STAGE_NAMES.index("train_step")].command(ctx)[3:])
+    assert args.batch * (args.prompt_len + args.completion_len) >= 16384  # the MFU goal's tokens per step
