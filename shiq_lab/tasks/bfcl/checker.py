@@ -93,9 +93,10 @@ def check_episode(episode: Episode, calls: Sequence[Sequence[str]]) -> EpisodeRe
         gt_results = []
         for text in gt_calls:
             p = truth.parse(text)
-            if isinstance(p, InvalidCall):
-                raise ValueError(f"{episode.id} turn {k}: ground-truth call {text!r} is refused ({p.reason}); "
-                                 "the data and the parser disagree")  # noqa: TRY004
+            if isinstance(p, InvalidCall):  # a data error, not a type error
+                raise ValueError(  # noqa: TRY004 - a data error
+                    f"{episode.id} turn {k}: ground-truth call {text!r} is refused ({p.reason}); "
+                    "the data and the parser disagree")
             gt_results.append(truth.execute(p))
         turn = TurnResult(0.0, "ok", results, gt_results, invalid)
         if not gt_calls:
