@@ -1,0 +1,58 @@
+"""BFCL results: the committed JSON + markdown, and the README block generated from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESULTS", "load_results", "readme_section", "results_table", "write_results"]
+
+RESULTS = Path("benchmarks/results/bfcl_cpu.json")
+_LABELS = {"reference": "reference (SmolLM2-135M-Instruct)", "shiq_turn": "ShiQ, per-turn rewards",
+           "shiq_final": "ShiQ, final score only", "dro": "DRO", "copg": "CoPG", "dpo": "DPO (pairs by return)"}
+
+
+def load_results(root: Path) -> dict[str, Any]:
+    path = Path(root) / RESULTS
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `make bench-bfcl` (writes it) or check out the committed file")
+    return json.loads(path.read_text())
+
+
+def results_table(doc: dict[str, Any]) -> str:
+    """Markdown table: per-turn accuracy, official score and KL for the reference and each variant."""
+    lines = ["| policy | per-turn accuracy | official score | KL(pi‖pi_ref) (± sem) |", "|---|---:|---:|---:|"]
+    for name, r in doc["results"].items():
+        lines.append(f"| {_LABELS.get(name, name)} | {r['turn_accuracy']:.3f} | {r['score']:.3f} | "
+                     f"{r['kl_states_mean']:.2f} ± {r['kl_states_sem']:.2f} |")
+    return "\n".join(lines)
+
+
+def _scale(doc: dict[str, Any]) -> str:
+    c, s, d = doc["config"], doc["subset"], doc["offline_data"]
+    sources = ", ".join(f"{k} {d['n_by_source'][k]} (score {v:.2f})" for k, v in d["score_by_source"].items())
+    ref = doc["results"]["reference"]
+    return (f"Scale: `{c['model']}`, BFCL-V3 `{c['category']}`, the {c['n_entries']} entries with the shortest "
+            f"ground-truth conversation ({s['tokens_mean']:.0f} tokens on average, docs profile `{c['docs']}`), "
+            f"{len(s['train'])} for training and {len(s['held_out'])} held out (split by entry id). Offline data: "
+            f"{d['n']} trajectories ({sources}). {c['max_steps']} steps of {c['batch_size']} rows per variant, "
+            f"beta {c['beta']:g}, learning rate {c['learning_rate']:g}; evaluation: {ref['n_trajectories']} sampled "
+            f"episodes ({ref['n_turns']} turns) at temperature {c['eval_temperature']:g}, KL on the same samples. "
+            f"Wall time {doc['seconds'] / 60:.0f} min on the CPU.")
+
+
+def write_results(doc: dict[str, Any], base: Path) -> list[Path]:
+    """``base.json`` (the results document) and ``base.md`` (scale + table), byte-deterministic."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    js, md = base.with_suffix(".json"), base.with_suffix(".md")
+    js.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    md.write_text(f"# BFCL-V3 multi-turn tool use, CPU scale\n\n{_scale(doc)}\n\n{results_table(doc)}\n")
+    return [js, md]
+
+
+def readme_section(root: Path) -> str:
+    """The README block ``bfcl``: scale and results table from the committed results file."""
+    doc = load_results(root)
+    return f"{_scale(doc)}\n\n{results_table(doc)}\n"
