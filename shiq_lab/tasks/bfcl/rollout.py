@@ -136,3 +136,31 @@ def trajectory_kl(policy: torch.nn.Module, reference: torch.nn.Module, input_ids
     lq = torch.log_softmax(reference(input_ids=ids.to(next(reference.parameters()).device)).logits[0, states].float(),
                            dim=-1).to(lp.device)
     return float((lp.exp() * (lp - lq)).sum())
+
+
+def trajectory_values(policy: torch.nn.Module, reference: Any, tokenizer: Any, messages: Sequence[dict[str, Any]], *,
+                      beta: float = 0.1) -> Any:
+    """Per-token Q, V, advantage, residual and KL of a multi-turn trajectory (:func:`shiq_lab.token_values`).
+
+    The prompt is the system and first user message; the response is everything up to the last assistant
+    turn: assistant tokens are the policy's (``is_policy``), user and tool tokens the environment's. Each
+    assistant message's ``reward`` sits on its last token.
+    """
+    import numpy as np
+
+    from shiq_lab.encoding import encode_responses
+    from shiq_lab.token_values import token_values
+
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:first]]
+    response = [{"role": m["role"], "content": m["content"]} for m in messages[first:last + 1]]
+    encoded = encode_responses(tokenizer, prompt, [response])[0]
+    rewards = np.zeros(encoded.n_rows)
+    policy_rows = np.flatnonzero(np.asarray(encoded.policy, dtype=bool))
+    segments = np.asarray(encoded.segment)
+    for j, m in enumerate(messages[first:last + 1]):
+        rows = policy_rows[segments[policy_rows] == j]
+        if m["role"] == "assistant" and len(rows):
+            rewards[rows[-1]] = float(m.get("reward", 0.0) or 0.0)
+    return token_values(policy, tokenizer, prompt, [response], reference=reference, beta=beta, rewards=[rewards])
