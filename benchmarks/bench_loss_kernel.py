@@ -46,7 +46,7 @@ from benchmarks.common import (
     start_run,
     time_summary,
 )
-from shiq_lab.fused_logprobs import chunked_token_logprobs, default_tile
+from shiq_lab.lm.kernel import chunked_token_logprobs, default_tile
 from shiq_lab.losses import shiq_loss, token_logprobs
 
 TIME_GOAL = 1.1  # time(shiq_fused) / time(sft_ce)

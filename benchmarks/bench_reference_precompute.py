@@ -60,7 +60,7 @@ CASES = ("forward", "forward_logprobs", "precompute", "precompute_cached")
 
 def build_dataset(tokenizer, *, rows: int, prompt_len: int, completion_len: int, vocab_size: int, seed: int):
     """A tokenised ShiQ dataset (``input_ids``, ``action_mask``, ...) of ``rows`` fixed-length responses."""
-    from shiq_lab.data import tokenize_dataset
+    from shiq_lab.data.encode import tokenize_dataset
 
     triples = make_triples(-(-rows // 2), prompt_len, completion_len, vocab_size, seed)
     data = [{"prompt_ids": t["prompt_ids"], "completion_ids": t[k], "reward": float(k == "chosen_ids"), "group": g}
@@ -70,7 +70,7 @@ def build_dataset(tokenizer, *, rows: int, prompt_len: int, completion_len: int,
 
 def collated_batches(ds, batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     """The batches the precompute pass forms, collated ahead (for the plain-forward cases)."""
-    from shiq_lab.data import ShiQCollator
+    from shiq_lab.data.batch import ShiQCollator
 
     collate = ShiQCollator(pad_token_id=0)
     out = []
@@ -83,7 +83,7 @@ def collated_batches(ds, batch_size: int, device: torch.device) -> list[dict[str
 
 def make_cases(model, ds, batches, batch_size: int, device: torch.device, scratch: Path) -> dict[str, Any]:
     from shiq_lab.losses import token_logprobs
-    from shiq_lab.reference import compute_reference_stats, precompute_reference
+    from shiq_lab.reference.cache import compute_reference_stats, precompute_reference
 
     def forward() -> None:
         with torch.no_grad():
@@ -113,7 +113,7 @@ def make_cases(model, ds, batches, batch_size: int, device: torch.device, scratc
 def check_stats(model, ds, batches, batch_size: int, device: torch.device) -> float:
     """Largest |difference| between the precompute's log-probs and those of the full logits (sanity)."""
     from shiq_lab.losses import token_logprobs
-    from shiq_lab.reference import compute_reference_stats
+    from shiq_lab.reference.cache import compute_reference_stats
 
     logp_rows, _ = compute_reference_stats(model, ds, batch_size=batch_size, device=device)
     worst, row = 0.0, 0
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         times = interleaved_times(cases, rounds=args.rounds, warmup=args.warmup, device=device)
         memory = {name: measure_memory(fn, device) for name, fn in cases.items()}
         # a cache hit: the entry exists, no forward runs
-        from shiq_lab.reference import precompute_reference
+        from shiq_lab.reference.cache import precompute_reference
 
         hit_dir = scratch / "hit"
         precompute_reference(model, ds, batch_size=args.batch, cache_dir=hit_dir, device=device)

@@ -5,7 +5,7 @@ work of supervised fine-tuning (SFT) on the same tokens. This script measures ho
 
 - ``sft``: a plain ``transformers.Trainer`` on the same model and batch, the causal-LM loss
   (labels = the tokens, prompt masked with -100; the model computes its full logits).
-- ``shiq``: :class:`shiq_lab.trainer.ShiQTrainer` (``loss_type="shiq"``), reference statistics
+- ``shiq``: :class:`shiq_lab.train.trainer.ShiQTrainer` (``loss_type="shiq"``), reference statistics
   computed once at construction (not in the timed steps).
 - ``dpo``: TRL's ``DPOTrainer`` with its defaults (sigmoid loss, a reference model run at every step).
 - ``dpo_precompute``: the same with ``precompute_ref_log_probs=True`` (reference pass at construction).
@@ -242,7 +242,7 @@ def build_trainer(config: str, spec: dict[str, Any], model, tokenizer, triples: 
         return Trainer(model=model, args=TrainingArguments(**args), train_dataset=Dataset.from_list(rows),
                        data_collator=_SFTCollator(), processing_class=tokenizer, callbacks=callbacks)
     if config == "shiq":
-        from shiq_lab.trainer import ShiQConfig, ShiQTrainer
+        from shiq_lab.train.trainer import ShiQConfig, ShiQTrainer
 
         rows = [{"prompt_ids": p, "completion_ids": c, "reward": r, "group": g} for p, c, r, g in responses]
         cfg = ShiQConfig(**args, loss_type="shiq", beta=BETA, max_length=spec["prompt_len"] + spec["completion_len"],
@@ -395,7 +395,7 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
 
 
 #: imported once by the fork server, so that every worker starts with them loaded (seconds each otherwise)
-PRELOAD = ("torch", "transformers.trainer", "datasets", "trl.trainer.dpo_trainer", "shiq_lab.trainer",
+PRELOAD = ("torch", "transformers.trainer", "datasets", "trl.trainer.dpo_trainer", "shiq_lab.train.trainer",
            "benchmarks.common", "benchmarks.bench_train_step")
 
 

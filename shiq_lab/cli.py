@@ -2,103 +2,47 @@
 
 ::
 
-    shiq-lab train --config configs/tiny_cpu.yaml [--beta 0.2 --loss_type dpo ...]
-    shiq-lab precompute-ref --config configs/tiny_cpu.yaml [--output DIR]
+    shiq-lab train --config configs/train/tiny_cpu.yaml [--beta 0.2 --loss_type dpo ...]
+    shiq-lab precompute-ref --config configs/train/tiny_cpu.yaml [--output DIR]
     shiq-lab evaluate [...]
     shiq-lab models fetch NAME [NAME ...]      # also: shiq-lab models list
 
 Every field of the YAML config is also a flag, and a flag overrides the file. The fields are those
-of :class:`RunArguments` (model, data, LoRA) and of :class:`shiq_lab.trainer.ShiQConfig` (all of
+of :class:`RunArguments` (model, data, LoRA) and of :class:`shiq_lab.train.config.ShiQConfig` (all of
 ``transformers.TrainingArguments`` plus the ShiQ fields); ``shiq-lab train --help`` lists them.
 
-``evaluate`` delegates to ``shiq_lab.evaluation.cli_main(argv)`` when that module provides it (task
-evaluation: sampling, rewards, KL of generations). Without it, or with ``--offline``, it computes
-the loss metrics of a checkpoint on a dataset (``--config`` + ``--checkpoint``).
+``evaluate`` runs a task's evaluator (``--task imdb`` by default: sampling, rewards, KL of generations,
+registered by :mod:`shiq_lab.tasks.imdb`); with ``--offline`` it computes the loss metrics of a checkpoint
+on a dataset (``--config`` + ``--checkpoint``). Tasks may add sub-commands (:mod:`shiq_lab.infra.registry`).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from shiq_lab.infra.config import report_errors
+from shiq_lab.train.config import RunArguments, ShiQConfig
 
 __all__ = ["RunArguments", "parse_config", "build_run", "main"]
 
 
-@dataclass
-class RunArguments:
-    """Model, data and adapter fields of a run (the training fields live in ``ShiQConfig``)."""
-
-    model: str = field(default="tiny", metadata={"help": "registered model name (shiq-lab models list), folder or hub id"})
-    ref_model: str | None = field(default=None, metadata={"help": "separate reference model (default: the model itself)"})
-    dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 | auto"})
-    dataset: str = field(default="synthetic", metadata={
-        "help": "file (.jsonl/.json/.csv/.parquet), save_to_disk folder, 'synthetic[:kind]' or 'package.module:function'"})
-    dataset_kwargs: str | None = field(default=None, metadata={"help": "JSON object of keyword arguments for the dataset"})
-    eval_dataset: str | None = field(default=None, metadata={"help": "evaluation dataset, same forms as dataset"})
-    eval_fraction: float = field(default=0.0, metadata={
-        "help": "hold out this fraction of the prompts (with all their responses) for evaluation"})
-    max_rows: int | None = field(default=None, metadata={"help": "use only the first n rows of the dataset"})
-    use_lora: bool = field(default=False, metadata={"help": "train LoRA adapters (reference = adapters disabled)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (0 keeps theta = ref exact at start)"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names or all-linear"})
-
-
-def _parser(prog: str):
-    from transformers import HfArgumentParser
-
-    from .trainer import ShiQConfig
-
-    return HfArgumentParser((RunArguments, ShiQConfig), prog=prog)
-
-
-def _field_names() -> set[str]:
-    from .trainer import ShiQConfig
-
-    return {f.name for f in dataclasses.fields(RunArguments)} | {f.name for f in dataclasses.fields(ShiQConfig) if f.init}
-
-
-def _read_config(path: str | os.PathLike) -> dict[str, Any]:
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise SystemExit(f"config file {path} does not exist (shipped configs are in configs/)")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"config file {path} must be a YAML mapping of field: value")
-    unknown = sorted(set(data) - _field_names())
-    if unknown:
-        raise SystemExit(f"config file {path}: unknown field(s) {unknown}; see `shiq-lab train --help` for the fields")
-    if isinstance(data.get("dataset_kwargs"), dict):
-        data["dataset_kwargs"] = json.dumps(data["dataset_kwargs"])
-    return data
 
 
 def parse_config(argv: list[str], *, extra: argparse.ArgumentParser | None = None,
-                 prog: str = "shiq-lab train") -> tuple[Any, Any, argparse.Namespace]:
+                 prog: str = "shiq-lab train") -> tuple[RunArguments, ShiQConfig, argparse.Namespace]:
     """``(RunArguments, ShiQConfig, extra namespace)`` from ``--config FILE`` and flags (flags win)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config", default=None)
-    known, rest = pre.parse_known_args(argv)
+    from shiq_lab.infra.config import parse_config as parse
+
     extra_ns = argparse.Namespace()
     if extra is not None:
-        extra_ns, rest = extra.parse_known_args(rest)
-    parser = _parser(prog)
-    parser.add_argument("--config", default=None, help="YAML file of field: value (flags override it)")
-    if known.config:
-        parser.set_defaults(**_read_config(known.config))
-    try:
-        run, cfg = parser.parse_args_into_dataclasses(args=rest)[:2]
-    except ValueError as err:  # unknown flags, bad field values (ShiQConfig validation)
-        raise SystemExit(f"shiq-lab: {err}") from None
+        extra_ns, argv = extra.parse_known_args(argv)
+    run, cfg = parse((RunArguments, ShiQConfig), argv, prog=prog)
     return run, cfg, extra_ns
 
 
@@ -114,7 +58,8 @@ def _dtype(name: str):
 
 
 def _datasets(run: RunArguments, seed: int):
-    from .data import load_dataset_spec, split_by_prompt
+    from shiq_lab.data.batch import split_by_prompt
+    from shiq_lab.data.formats import load_dataset_spec
 
     kwargs = json.loads(run.dataset_kwargs) if run.dataset_kwargs else {}
     if not isinstance(kwargs, dict):
@@ -144,8 +89,8 @@ def _lora_config(run: RunArguments):
 
 def build_run(run: RunArguments, cfg: Any, *, with_train: bool = True):
     """``ShiQTrainer`` of a parsed config: model, reference, data and LoRA as the config says."""
-    from .models import load_model
-    from .trainer import ShiQTrainer
+    from shiq_lab.infra.models import load_model
+    from shiq_lab.train.trainer import ShiQTrainer
 
     model, tokenizer = load_model(run.model, dtype=_dtype(run.dtype))
     ref = load_model(run.ref_model, dtype=_dtype(run.dtype))[0] if run.ref_model else None
@@ -181,11 +126,16 @@ def _train(argv: list[str]) -> int:
 
 
 def _precompute(argv: list[str]) -> int:
-    from .data import tokenize_dataset
-    from .models import load_model
-    from .reference import (ReferenceCache, dataset_fingerprint, precompute_reference, reference_identity,
-                            write_reference_stats)
-    from .trainer import autocast_dtype
+    from shiq_lab.data.encode import tokenize_dataset
+    from shiq_lab.infra.models import load_model
+    from shiq_lab.reference.cache import (
+        ReferenceCache,
+        dataset_fingerprint,
+        precompute_reference,
+        reference_identity,
+        write_reference_stats,
+    )
+    from shiq_lab.train.trainer import autocast_dtype
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--output", default=None, help="write the entry here (then train with --ref_stats_path DIR)")
@@ -215,8 +165,8 @@ def _precompute(argv: list[str]) -> int:
 def _evaluate_offline(argv: list[str]) -> int:
     import torch
 
-    from .models import load_model
-    from .trainer import ShiQTrainer
+    from shiq_lab.infra.models import load_model
+    from shiq_lab.train.trainer import ShiQTrainer
 
     extra = argparse.ArgumentParser(add_help=False)
     extra.add_argument("--checkpoint", required=True, help="trained model folder (full or LoRA adapter)")
@@ -243,17 +193,22 @@ def _evaluate_offline(argv: list[str]) -> int:
 def _evaluate(argv: list[str]) -> int:
     if "--offline" in argv:
         return _evaluate_offline([a for a in argv if a != "--offline"])
-    try:
-        from .evaluation import cli_main  # task evaluation (sampling, rewards, KL of generations)
-    except ImportError:
-        cli_main = None
-    if cli_main is None:
-        return _evaluate_offline(argv)
-    return int(cli_main(argv) or 0)
+    from shiq_lab.infra.registry import EVALUATORS, load_tasks
+
+    load_tasks()
+    task = "imdb"  # the one task with a generation evaluator today; `--task NAME` picks another
+    if "--task" in argv:
+        i = argv.index("--task")
+        task, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    if task not in EVALUATORS:
+        raise SystemExit(f"no evaluator for task {task!r}; tasks with one: {', '.join(sorted(EVALUATORS))}")
+    return int(EVALUATORS[task](argv) or 0)
 
 
 def _models(argv: list[str]) -> int:
-    from .models import MODEL_BUILDERS, cache_dir, model_folder
+    from shiq_lab.infra.models import MODEL_BUILDERS, cache_dir, model_folder, registered_models
+
+    registered_models()  # tasks' models too
 
     parser = argparse.ArgumentParser(prog="shiq-lab models", description="registered models (built once, offline)")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -271,7 +226,7 @@ def _models(argv: list[str]) -> int:
         if name not in MODEL_BUILDERS:
             raise SystemExit(f"unknown model {name!r}; registered: {', '.join(MODEL_BUILDERS)}")
         if name == "smollm2-135m":
-            from .assets import fetch as fetch_asset
+            from shiq_lab.infra.assets import fetch as fetch_asset
 
             fetch_asset("smollm2")
         print(f"{name}: {model_folder(name, rebuild=args.rebuild)}")
@@ -286,13 +241,23 @@ COMMANDS = {
 }
 
 
+def _commands() -> dict[str, tuple[Callable[[list[str]], int], str]]:
+    """The core's sub-commands, then those tasks register."""
+    from shiq_lab.infra.registry import COMMANDS as TASK_COMMANDS
+    from shiq_lab.infra.registry import load_tasks
+
+    load_tasks()
+    return {**COMMANDS, **{k: v for k, v in TASK_COMMANDS.items() if k not in COMMANDS}}
+
+
 def _usage() -> str:
     lines = ["usage: shiq-lab COMMAND [--config FILE] [--field value ...]", "", "commands:"]
-    lines += [f"  {name:15s} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:15s} {help_}" for name, (_, help_) in _commands().items()]
     lines += ["", "`shiq-lab COMMAND --help` lists every field."]
     return "\n".join(lines)
 
 
+@report_errors
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``shiq-lab``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -300,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
+    commands = COMMANDS if cmd in COMMANDS else _commands()
+    if cmd not in commands:
         print(f"shiq-lab: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return COMMANDS[cmd][0](rest)
+    return commands[cmd][0](rest)
 
 
 if __name__ == "__main__":

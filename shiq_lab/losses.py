@@ -33,9 +33,12 @@ __all__ = [
     "copg_loss",
     "shiq_logit_grad",
     "LOSS_TYPES",
+    "PAIRWISE_LOSSES",
 ]
 
 LOSS_TYPES = ("shiq", "dpo", "dro", "copg")
+#: the loss types trained on pairs of responses to one prompt (their rows are whole prompt groups)
+PAIRWISE_LOSSES = ("dpo", "copg")
 
 
 @dataclass

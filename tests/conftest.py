@@ -2,7 +2,7 @@
 
 import os
 
-from shiq_lab.notebook_support import OFFLINE_ENV
+from shiq_lab.infra.notebooks import OFFLINE_ENV
 
 for _k, _v in OFFLINE_ENV.items():
     os.environ[_k] = _v
@@ -10,7 +10,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 
 # Tests use tiny tensors: one thread avoids oversubscribing a 2-core CI box (measured 62 s -> 16 s
 # for the loss tests under load); notebooks and subprocess tests set their own.

@@ -12,17 +12,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from shiq_lab.bench.__main__ import main as bench_main
-from shiq_lab.bench.forest import stack_datasets, stack_trees
-from shiq_lab.bench.harness import METHODS, BatchedAdam, TabularPolicy, calibration_residual, train_forest
-from shiq_lab.bench.metrics import policy_metrics, sequences_to_target
-from shiq_lab.bench.neural_policy import NeuralPolicy, PathTransformer, state_tokens
-from shiq_lab.bench.sequence_baselines import order_by_return, prompt_pairs, sequence_loss
-from shiq_lab.bench.synthetic import PARAMETERISATIONS, SuiteConfig, run_suite, write_results
-from shiq_lab.bench.tasks import (
-    BEHAVIOURS, TASKS, behaviour_dataset, dataset_fingerprint, load_datasets, make_task_tree, task_specs, write_datasets,
+from shiq_lab.exact.tree import solve
+from shiq_lab.tasks.synthetic.__main__ import main as bench_main
+from shiq_lab.tasks.synthetic.forest import stack_datasets, stack_trees
+from shiq_lab.tasks.synthetic.harness import METHODS, BatchedAdam, TabularPolicy, calibration_residual, train_forest
+from shiq_lab.tasks.synthetic.metrics import policy_metrics, sequences_to_target
+from shiq_lab.tasks.synthetic.neural_policy import NeuralPolicy, PathTransformer, state_tokens
+from shiq_lab.tasks.synthetic.problems import (
+    BEHAVIOURS,
+    TASKS,
+    behaviour_dataset,
+    dataset_fingerprint,
+    load_datasets,
+    make_task_tree,
+    task_specs,
+    write_datasets,
 )
-from shiq_lab.token_tree import solve
+from shiq_lab.tasks.synthetic.sequence_baselines import order_by_return, prompt_pairs, sequence_loss
+from shiq_lab.tasks.synthetic.suite import PARAMETERISATIONS, SuiteConfig, run_suite, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -232,7 +239,7 @@ def test_written_datasets_read_back_exactly(tmp_path: Path) -> None:
 
 
 def test_committed_data_files_match_the_generator() -> None:
-    """data/synthetic/ holds what `python -m shiq_lab.bench synthetic-data` writes with this code."""
+    """data/synthetic/ holds what `python -m shiq_lab.tasks.synthetic synthetic-data` writes with this code."""
     folder = ROOT / "data" / "synthetic"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["seeds"] == list(SuiteConfig().seeds) and manifest["size"] == SuiteConfig().largest_size

@@ -2,6 +2,7 @@
 
 import copy
 import decimal
+import re
 import subprocess
 import sys
 import zipfile
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from shiq_lab import assets
+from shiq_lab.infra import assets
 
 if not assets.is_fetched("bfcl"):
-    pytest.skip("the BFCL-V3 asset is not fetched: run `python -m shiq_lab.assets fetch bfcl` (1.7 MB, once)",
+    pytest.skip("the BFCL-V3 asset is not fetched: run `python -m shiq_lab.infra.assets fetch bfcl` (1.7 MB, once)",
                 allow_module_level=True)
 
 from shiq_lab.tasks.bfcl import (
@@ -189,7 +190,7 @@ def test_missing_asset_message_and_sha_pin(tmp_path, monkeypatch) -> None:
     from shiq_lab.tasks.bfcl import asset
 
     monkeypatch.setenv("SHIQ_LAB_ASSETS", str(tmp_path))
-    with pytest.raises(assets.AssetMissingError, match="python -m shiq_lab.assets fetch bfcl"):
+    with pytest.raises(assets.AssetMissingError, match=re.escape("python -m shiq_lab.infra.assets fetch bfcl")):
         asset.package_root("v3")
 
     def fake_download(cmd, **kwargs):

@@ -1,19 +1,21 @@
 """BFCL prompts, decoding, offline multi-turn data (masks and per-turn rewards) and rollouts with the tiny model."""
 
 import copy
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from shiq_lab import assets
+from shiq_lab.infra import assets
 
 if not assets.is_fetched("bfcl"):
-    pytest.skip("the BFCL-V3 asset is not fetched: run `python -m shiq_lab.assets fetch bfcl` (1.7 MB, once)",
+    pytest.skip("the BFCL-V3 asset is not fetched: run `python -m shiq_lab.infra.assets fetch bfcl` (1.7 MB, once)",
                 allow_module_level=True)
 
-from shiq_lab import models
 from shiq_lab.data import tokenize_dataset
+from shiq_lab.infra import models
 from shiq_lab.tasks.bfcl import check_episode, load_episodes
 from shiq_lab.tasks.bfcl.asset import CATEGORIES
 from shiq_lab.tasks.bfcl.dataset import corrupt, execute, offline_rows, with_reward_mode
@@ -151,3 +153,18 @@ def test_results_table_renders_the_numbers() -> None:
     assert results_table(doc).splitlines()[2:] == [
         "| reference (SmolLM2-135M-Instruct) | 0.000 | 0.000 | 0.00 ± 0.00 |",
         "| ShiQ, per-turn rewards | 0.250 | 0.125 | 1.50 ± 0.25 |"]
+
+
+@pytest.mark.slow
+def test_quick_sweep_runs_every_variant_and_writes_no_committed_results(tmp_path) -> None:
+    from shiq_lab.tasks.bfcl.sweep import VARIANTS, main
+
+    committed = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "bfcl_cpu.json"
+    before = committed.read_bytes() if committed.exists() else None
+    assert main(["--quick", "--model", "tiny", "--output_dir", str(tmp_path), "--results", str(tmp_path / "r")]) == 0
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert set(doc["results"]) == {"reference", *VARIANTS}
+    assert doc["results"]["reference"]["kl_states_mean"] == 0.0
+    assert all(0.0 <= r["score"] <= r["turn_accuracy"] <= 1.0 for r in doc["results"].values())
+    assert not (tmp_path / "r.json").exists()  # --quick never writes results files
+    assert (committed.read_bytes() if committed.exists() else None) == before

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.browser
 
 
 def _chromium() -> str | None:
-    from shiq_lab.figures import chromium_path
+    from shiq_lab.views.figures import chromium_path
 
     return chromium_path()
 

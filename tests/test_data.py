@@ -8,20 +8,12 @@ import pytest
 import torch
 from datasets import Dataset
 
-from shiq_lab.data import (
-    DataValidationError,
-    ShiQCollator,
-    detect_format,
-    group_by_prompt,
-    load_dataset_spec,
-    make_pairs,
-    split_by_prompt,
-    normalize_rewards,
-    synthetic_dataset,
-    to_shiq_format,
-    tokenize_dataset,
-)
-from shiq_lab.models import load_tokenizer
+from shiq_lab.data.batch import ShiQCollator, group_by_prompt, make_pairs, split_by_prompt
+from shiq_lab.data.encode import tokenize_dataset
+from shiq_lab.data.formats import DataValidationError, detect_format, load_dataset_spec, to_shiq_format
+from shiq_lab.data.rewards import normalize_rewards
+from shiq_lab.data.toy import synthetic_dataset
+from shiq_lab.infra.models import load_tokenizer
 
 
 @pytest.fixture(scope="module")

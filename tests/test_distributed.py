@@ -1,7 +1,7 @@
 """Two CPU processes (accelerate launch, DDP over gloo) give the losses of one process with the same global batch.
 
 The loss of each micro-batch is its sum of terms divided by the item count of the whole step on
-all processes (see shiq_lab.trainer), so the split of a global batch over processes must not change
+all processes (see shiq_lab.train.trainer), so the split of a global batch over processes must not change
 the losses, the gradient norms or the trained weights. One 2-process run takes 30-60 s on 2 cores
 (two interpreters importing torch + transformers); it is part of ``make test`` all the same, since
 this equality is what multi-GPU users rely on. The single-process counterpart of the same
@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from shiq_lab import cli
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = str(ROOT / "configs" / "tiny_cpu.yaml")
+CONFIG = str(ROOT / "configs" / "train" / "tiny_cpu.yaml")
 
 
 def _args(tmp_path, out, batch, loss_type):

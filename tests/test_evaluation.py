@@ -7,26 +7,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from fake_lm import FakeLM, constant_table
+from helpers.fake_lm import FakeLM, constant_table
 
-from shiq_lab.cpu import cpu_threads
-from shiq_lab.evaluation import (
-    FRONTIER_COLUMNS,
-    CheckpointSpec,
-    evaluate_policy,
-    find_checkpoints,
-    pareto_mask,
-    plot_frontier,
-    save_frontier,
-    sequence_stats,
-)
-from shiq_lab.models import load_model, load_tokenizer
-from shiq_lab.sampling import sample_completions
+from shiq_lab.evaluation.frontier import CheckpointSpec, find_checkpoints, pareto_mask, plot_frontier, save_frontier
+from shiq_lab.evaluation.generations import FRONTIER_COLUMNS, evaluate_policy, sequence_stats
+from shiq_lab.evaluation.sampling import sample_completions
+from shiq_lab.infra.models import load_model, load_tokenizer
+from shiq_lab.infra.runtime import cpu_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.cpu); restored after the module."""
+    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
     with cpu_threads(1):
         yield
 

@@ -3,11 +3,11 @@
 
 import numpy as np
 import pytest
+from helpers.tiny_pair import tiny_policy_and_reference
 
-from shiq_lab.explorer import TokenValueExplorer, normalise_examples
-from shiq_lab.figures import display_token
-from shiq_lab.rewards import word_reward
-from tiny_pair import tiny_policy_and_reference
+from shiq_lab.data.rewards import word_reward
+from shiq_lab.views.explorer import TokenValueExplorer, normalise_examples
+from shiq_lab.views.figures import display_token
 
 PROMPT = [{"role": "user", "content": "was the movie good?"}]
 EXAMPLES = [

@@ -5,11 +5,19 @@ import base64
 import numpy as np
 import plotly.io as pio
 import pytest
+from helpers.tiny_pair import tiny_policy_and_reference
 
-from shiq_lab.figures import QUANTITIES, chromium_path, configure_plotly, display_token, token_strip, topk_bars, value_lines
-from shiq_lab.rewards import word_reward
-from shiq_lab.token_values import token_values
-from tiny_pair import tiny_policy_and_reference
+from shiq_lab.data.rewards import word_reward
+from shiq_lab.views.figures import (
+    QUANTITIES,
+    chromium_path,
+    configure_plotly,
+    display_token,
+    token_strip,
+    topk_bars,
+    value_lines,
+)
+from shiq_lab.views.token_values import token_values
 
 PROMPT = [{"role": "user", "content": "was the movie good?"}]
 MULTI_TURN = [
@@ -106,7 +114,7 @@ def test_topk_bars_show_alternatives_and_the_taken_token(frame) -> None:
 
 
 def test_offline_renderers_reference_no_cdn(plotly_defaults) -> None:
-    from shiq_lab.figures import _html_renderer
+    from shiq_lab.views.figures import _html_renderer
 
     assert configure_plotly(png=False) == "plotly_mimetype"  # outside a kernel: no HTML copy to inline into
     html = _html_renderer().to_mimebundle(token_strip_stub().to_dict())["text/html"]

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shiq_lab.fused_logprobs import TILE_ELEMENTS, chunked_token_logprobs, default_tile
+from shiq_lab.lm.kernel import TILE_ELEMENTS, chunked_token_logprobs, default_tile
 from shiq_lab.losses import sequence_logratio, shiq_logit_grad, shiq_loss, token_logprobs
 
 ROOT = Path(__file__).resolve().parent.parent

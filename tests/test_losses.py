@@ -12,6 +12,17 @@ import math
 import pytest
 import torch
 
+from shiq_lab.exact.tree import (
+    OfflineDataset,
+    TokenTree,
+    enumerate_paths,
+    make_token_tree,
+    sample_dataset,
+    skewed_policy,
+    solve,
+    tabular_logits,
+    uniform_log_probs,
+)
 from shiq_lab.losses import (
     copg_loss,
     dpo_loss,
@@ -22,17 +33,6 @@ from shiq_lab.losses import (
     shiq_logit_grad,
     shiq_loss,
     token_logprobs,
-)
-from shiq_lab.token_tree import (
-    OfflineDataset,
-    TokenTree,
-    enumerate_paths,
-    make_token_tree,
-    sample_dataset,
-    skewed_policy,
-    solve,
-    tabular_logits,
-    uniform_log_probs,
 )
 
 SHIFTED = {"shiq": None, "shiq_2step": 2, "shiq_1step": 1}

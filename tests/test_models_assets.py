@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shiq_lab import assets, models
+from shiq_lab.infra import assets, models
 
 
 def test_tiny_model_round_trips_through_from_pretrained(tmp_path, monkeypatch) -> None:

@@ -5,7 +5,7 @@ import queue
 
 import pytest
 
-from shiq_lab import notebook_runner
+from shiq_lab.infra import notebook_runner
 
 
 class _Channel:

@@ -8,7 +8,7 @@ import json
 import nbformat
 import pytest
 
-from shiq_lab.notebook_runner import list_notebooks, run_notebook
+from shiq_lab.infra.notebook_runner import list_notebooks, run_notebook
 
 NOTEBOOKS = list_notebooks()
 

@@ -6,16 +6,18 @@ import warnings
 import pytest
 import torch
 
-from shiq_lab import reference as ref_mod
-from shiq_lab.data import ShiQCollator, synthetic_dataset, tokenize_dataset
-from shiq_lab.models import load_model
-from shiq_lab.reference import (
+from shiq_lab.data.batch import ShiQCollator
+from shiq_lab.data.encode import tokenize_dataset
+from shiq_lab.data.toy import synthetic_dataset
+from shiq_lab.infra.models import load_model
+from shiq_lab.lm.stats import token_stats
+from shiq_lab.reference import cache as ref_mod
+from shiq_lab.reference.cache import (
     ReferenceCache,
     StaleReferenceCacheError,
     dataset_fingerprint,
     precompute_reference,
     reference_identity,
-    token_stats,
     write_reference_stats,
 )
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from shiq_lab.assets import is_fetched
-from shiq_lab.reward_model import (
+from shiq_lab.infra.assets import is_fetched
+from shiq_lab.tasks.imdb.reward import (
     QUICK_REWARD_CONFIG,
     HashedNgrams,
     SentimentClassifier,

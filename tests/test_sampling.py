@@ -2,16 +2,16 @@
 
 import pytest
 import torch
-from fake_lm import NEVER, FakeLM, constant_table
+from helpers.fake_lm import NEVER, FakeLM, constant_table
 
-from shiq_lab.cpu import cpu_threads
-from shiq_lab.models import load_model, load_tokenizer
-from shiq_lab.sampling import build_offline_dataset, left_pad, sample_completions, score_samples
+from shiq_lab.evaluation.sampling import build_offline_dataset, left_pad, sample_completions, score_samples
+from shiq_lab.infra.models import load_model, load_tokenizer
+from shiq_lab.infra.runtime import cpu_threads
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.cpu); restored after the module."""
+    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
     with cpu_threads(1):
         yield
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from shiq_lab.models import load_model
-from shiq_lab.rewards import word_reward
-from shiq_lab.simple_fit import fit_sft, fit_shiq
-from shiq_lab.token_values import token_values
+from shiq_lab.data.rewards import word_reward
+from shiq_lab.infra.models import load_model
+from shiq_lab.train.simple_fit import fit_sft, fit_shiq
+from shiq_lab.views.token_values import token_values
 
 PROMPT = [{"role": "user", "content": "was the movie good?"}]
 RESPONSES = [f"the {s} was {a}." for s in ("movie", "film", "music") for a in ("great", "bad", "boring", "fun")]

@@ -12,9 +12,8 @@ import math
 import pytest
 import torch
 
-from shiq_lab.losses import shiq_logit_grad, shiq_loss, token_logprobs
-from shiq_lab.tabular import TOKEN_LOSSES, fit_tabular, implied_policy, loss_gradient, token_loss
-from shiq_lab.token_tree import (
+from shiq_lab.exact.fit import TOKEN_LOSSES, fit_tabular, implied_policy, loss_gradient, token_loss
+from shiq_lab.exact.tree import (
     TokenTree,
     concat_datasets,
     coverage,
@@ -29,6 +28,7 @@ from shiq_lab.token_tree import (
     uniform_log_probs,
     visited_pairs,
 )
+from shiq_lab.losses import shiq_logit_grad, shiq_loss, token_logprobs
 
 
 def off_policy_behaviour(tree: TokenTree, uniform_weight: float = 0.5) -> torch.Tensor:

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from shiq_lab.token_tree import (
+from shiq_lab.exact.tree import (
     OfflineDataset,
     TokenTree,
     concat_datasets,

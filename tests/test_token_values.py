@@ -6,12 +6,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_pair import tiny_policy_and_reference
 
-from shiq_lab.encoding import encode_responses, pad_batch
+from shiq_lab.data.inspect import encode_responses, pad_batch
+from shiq_lab.data.rewards import word_reward
 from shiq_lab.losses import shiq_loss, token_logprobs
-from shiq_lab.rewards import word_reward
-from shiq_lab.token_values import ReferenceStats, reference_stats, token_values, with_beta
-from tiny_pair import tiny_policy_and_reference
+from shiq_lab.views.token_values import ReferenceStats, reference_stats, token_values, with_beta
 
 BETA = 0.3
 PROMPT = "was the movie good?"
@@ -252,7 +252,7 @@ def test_word_reward_marks_the_token_that_completes_the_word(tiny) -> None:
 
 
 def test_llama_keeps_hidden_states_not_logits(tiny) -> None:
-    from shiq_lab.token_values import _LogitSource
+    from shiq_lab.views.token_values import _LogitSource
 
     policy, _, tok = tiny
     batch = pad_batch(encode_responses(tok, PROMPT, RESPONSES), tok.pad_token_id)

@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shiq_lab import reference as ref_mod
-from shiq_lab.data import ShiQCollator
+from shiq_lab.data.batch import ShiQCollator
+from shiq_lab.infra.models import load_model
 from shiq_lab.losses import shiq_loss, token_logprobs
-from shiq_lab.models import load_model
-from shiq_lab.trainer import VALUE_HEAD_FILE, ShiQConfig, ShiQTrainer
+from shiq_lab.reference import cache as ref_mod
+from shiq_lab.train.trainer import VALUE_HEAD_FILE, ShiQConfig, ShiQTrainer
 
 ROWS = [
     {"prompt": "the movie", "completion": " was great.", "reward": 1.0},

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shiq_lab import assets
+from shiq_lab.infra import assets
 
 __all__ = ["CATEGORIES", "VERSIONS", "backend_source_dir", "data_file", "docs_dir", "package_root"]
 
@@ -26,7 +26,7 @@ def package_root(version: str = "v3") -> Path:
     except assets.AssetMissingError as err:
         raise assets.AssetMissingError(
             f"the BFCL {version.upper()} data are not on this machine ({err}). The multi-turn tool-use task "
-            f"needs them: `python -m shiq_lab.assets fetch {name}` (1-2 MB from PyPI, once)") from None
+            f"needs them: `python -m shiq_lab.infra.assets fetch {name}` (1-2 MB from PyPI, once)") from None
 
 
 def data_file(category: str, version: str = "v3", *, answers: bool = False) -> Path:
@@ -39,7 +39,7 @@ def data_file(category: str, version: str = "v3", *, answers: bool = False) -> P
     path = root / f"{VERSIONS[version][1]}_multi_turn_{category}.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the unpacked wheel: refetch the asset "
-                                f"(`rm -r {package_root(version).parent}` then `python -m shiq_lab.assets fetch`)")
+                                f"(`rm -r {package_root(version).parent}` then `python -m shiq_lab.infra.assets fetch`)")
     return path
 
 

@@ -62,7 +62,7 @@ class _ModuleSet:
             module.__dict__["__builtins__"] = self._builtins
             module.__file__ = self._code[stem].co_filename
             self._modules[stem] = module
-            exec(self._code[stem], module.__dict__)  # noqa: S102 - the pinned wheel's back-end source, not model text
+            exec(self._code[stem], module.__dict__)  # the pinned wheel's back-end source, never model text
         return self._modules[stem]
 
     def _import(self, name: str, globals: Any = None, locals: Any = None, fromlist: Any = (), level: int = 0) -> Any:

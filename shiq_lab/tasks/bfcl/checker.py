@@ -64,8 +64,10 @@ def _unordered_subset(needed: Sequence[str], have: Sequence[str]) -> bool:
 
 
 def _sides(episode: Episode) -> tuple[Backends, Backends]:
-    make = lambda: Backends(episode.involved_classes, episode.initial_config,
-                            long_context=episode.long_context, version=episode.version)
+    def make() -> Backends:
+        return Backends(episode.involved_classes, episode.initial_config, long_context=episode.long_context,
+                        version=episode.version)
+
     return make(), make()
 
 
@@ -94,7 +96,7 @@ def check_episode(episode: Episode, calls: Sequence[Sequence[str]]) -> EpisodeRe
         for text in gt_calls:
             p = truth.parse(text)
             if isinstance(p, InvalidCall):  # a data error, not a type error
-                raise ValueError(  # noqa: TRY004 - a data error
+                raise ValueError(
                     f"{episode.id} turn {k}: ground-truth call {text!r} is refused ({p.reason}); "
                     "the data and the parser disagree")
             gt_results.append(truth.execute(p))

@@ -148,8 +148,8 @@ def trajectory_values(policy: torch.nn.Module, reference: Any, tokenizer: Any, m
     """
     import numpy as np
 
-    from shiq_lab.encoding import encode_responses
-    from shiq_lab.token_values import token_values
+    from shiq_lab.data.inspect import encode_responses
+    from shiq_lab.views.token_values import token_values
 
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")

@@ -6,20 +6,19 @@
 2. **Offline data** (:mod:`.dataset`): per training entry its ground truth, one corruption of each kind
    (drop / swap / perturb one call; later turns run on the corrupted state) and ``samples_per_entry``
    trajectories played by the reference, all executed and scored turn by turn.
-3. **Training**: :func:`shiq_lab.imdb_task.train_run` (the IMDB sweep's runner, reused as it is) for each
-   variant, from the reference.
+3. **Training**: :func:`shiq_lab.train.runs.train_run` (the runner the IMDB sweep uses too) for each
+   variant, from the reference, with the same :class:`ShiQConfig` (``beta``, ``max_steps``...).
 4. **Evaluation** on the held-out entries: the policy writes each assistant turn, its calls are executed and
    the results fed back (:func:`.rollout.rollout`); per-turn accuracy, the official score and
    ``sum_t KL(pi||pi_ref)`` on the same samples, for the reference and each variant.
 
 ::
 
-    python -m shiq_lab.tasks.bfcl.sweep --config configs/bfcl_cpu.yaml [--field value ...] [--quick]
+    python -m shiq_lab.tasks.bfcl.sweep --config configs/sweep/bfcl_cpu.yaml [--field value ...] [--quick]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -34,15 +33,17 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from shiq_lab.cpu import cpu_threads as use_cpu_threads
-from shiq_lab.models import load_model
+from shiq_lab.infra.config import report_errors
+from shiq_lab.infra.models import load_model
+from shiq_lab.infra.runtime import cpu_threads as use_cpu_threads
 from shiq_lab.tasks.bfcl.checker import check_episode
 from shiq_lab.tasks.bfcl.dataset import offline_rows
 from shiq_lab.tasks.bfcl.episodes import Episode, load_episodes
 from shiq_lab.tasks.bfcl.prompts import PromptConfig, conversation
 from shiq_lab.tasks.bfcl.rollout import Trajectory, rollout, trajectory_kl
+from shiq_lab.train.config import ShiQConfig
 
-__all__ = ["VARIANTS", "BfclEval", "BfclSweepConfig", "evaluate_bfcl", "main", "run_sweep", "select_subset"]
+__all__ = ["TRAINING_DEFAULTS", "VARIANTS", "BfclEval", "BfclSweepConfig", "evaluate_bfcl", "main", "run_sweep", "select_subset"]
 
 # name -> (loss type, reward mode of the data)
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -56,11 +57,12 @@ VARIANTS: dict[str, tuple[str, str]] = {
 
 @dataclass
 class BfclSweepConfig:
-    """Every setting of a BFCL sweep (defaults: the CPU run of ``configs/bfcl_cpu.yaml``)."""
+    """The task's own settings of a BFCL sweep; training settings are a :class:`ShiQConfig` beside it
+    (:data:`TRAINING_DEFAULTS` under the file; ``beta``, ``max_steps``, ``per_device_train_batch_size``... are
+    its fields). Defaults: the CPU run of ``configs/sweep/bfcl_cpu.yaml``."""
 
     model: str = "smollm2-135m"
-    variants: Sequence[str] = tuple(VARIANTS)
-    beta: float = 0.1
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     # subset and prompts
     category: str = "base"
     n_entries: int = 20
@@ -72,45 +74,40 @@ class BfclSweepConfig:
     samples_per_entry: int = 1
     sample_temperature: float = 1.0
     max_new_tokens: int = 40
-    # training (field names as train_run reads them)
-    max_steps: int = 8
-    batch_size: int = 4
-    samples_per_prompt: int = 5  # rows per entry: pairwise losses take batch_size // this entries per step
-    learning_rate: float = 5e-5
-    lr_scheduler_type: str = "constant"
-    reward_normalization: str = "zscore"
-    max_length: int = 1024
-    trainer_args: dict[str, Any] = field(default_factory=dict)
+    samples_per_prompt: int = 5  # rows per entry: pairwise losses take whole entries (batch // this per step)
     # evaluation
     eval_samples_per_entry: int = 1
     eval_temperature: float = 1.0
     eval_seed: int = 1234
     eval_every: int = 0  # 0: only after the last step
     # where and how
-    output_dir: str = "runs/bfcl_cpu"
     results: str | None = None  # write the committed results (JSON + markdown) here, e.g. benchmarks/results/bfcl_cpu
     device: str = "cpu"
     cpu_threads: int | None = 1
     dtype: str = "float32"
     save_models: bool = False
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        self.variants = tuple(self.variants)
+        self.variants = list(self.variants)
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"variants={bad}: choose among {', '.join(VARIANTS)}")
-        if self.eval_every <= 0:
-            self.eval_every = self.max_steps
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["variants"] = list(self.variants)
-        return d
+        return asdict(self)
 
     @property
     def prompt(self) -> PromptConfig:
         return PromptConfig(docs=self.docs, max_result_chars=self.max_result_chars)
+
+
+#: the training settings of a BFCL sweep, under the YAML file and the flags
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "beta": 0.1, "max_steps": 12, "per_device_train_batch_size": 4, "learning_rate": 1e-4,
+    "lr_scheduler_type": "constant", "reward_normalization": "zscore", "max_length": 1024,
+    "output_dir": "runs/bfcl_cpu", "logging_steps": 1, "save_strategy": "no", "report_to": "none",
+    "disable_tqdm": True,
+}
 
 
 @dataclass
@@ -174,36 +171,39 @@ def evaluate_bfcl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer
 
 
 def _sample_data(reference: torch.nn.Module, tokenizer: Any, episodes: Sequence[Episode],
-                 config: BfclSweepConfig) -> list[Trajectory]:
+                 config: BfclSweepConfig, seed: int) -> list[Trajectory]:
     out = []
     for i, e in enumerate(episodes):
         for s in range(config.samples_per_entry):
             out.append(rollout(reference, tokenizer, e, config=config.prompt, max_new_tokens=config.max_new_tokens,
-                               temperature=config.sample_temperature, seed=config.seed + 1000 * i + s))
+                               temperature=config.sample_temperature, seed=seed + 1000 * i + s))
     return out
 
 
-def run_sweep(config: BfclSweepConfig | None = None, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """The whole sweep; returns (and writes to ``output_dir/results.json``) the results document."""
-    from shiq_lab.imdb_task import train_run  # the IMDB sweep's generic per-run trainer
+def run_sweep(config: BfclSweepConfig | None = None, training: ShiQConfig | None = None, *,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """The whole sweep; returns (and writes to ``<output_dir>/results.json``) the results document."""
+    from shiq_lab.train.runs import train_run
 
     config = config or BfclSweepConfig()
-
+    training = training or ShiQConfig(**TRAINING_DEFAULTS)
+    every = config.eval_every or training.max_steps
+    run_config = dataclasses.replace(config, eval_every=every)
     with use_cpu_threads(config.cpu_threads if config.device == "cpu" else None):
         start = time.perf_counter()
-        out = Path(config.output_dir)
+        out = Path(training.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(config.seed)
+        torch.manual_seed(training.seed)
         reference, tokenizer = load_model(config.model, device=config.device)
         reference.requires_grad_(False)
         train, held, tokens = select_subset(config, tokenizer)
         log(f"subset: {len(train)} train + {len(held)} held-out {config.category} entries, "
             f"{np.mean(list(tokens.values())):.0f} tokens per ground-truth episode (docs={config.docs})")
         t0 = time.perf_counter()
-        samples = _sample_data(reference, tokenizer, train, config)
+        samples = _sample_data(reference, tokenizer, train, config, training.seed)
         sample_seconds = time.perf_counter() - t0
         datasets = {mode: offline_rows(train, corruptions_per_kind=config.corruptions_per_kind, samples=samples,
-                                       reward_mode=mode, seed=config.seed, config=config.prompt)
+                                       reward_mode=mode, seed=training.seed, config=config.prompt)
                     for mode in ("turn", "final")}
         rows = datasets["turn"]
         by_source: dict[str, list[float]] = {}
@@ -222,9 +222,9 @@ def run_sweep(config: BfclSweepConfig | None = None, *, log: Callable[[str], Non
         examples = {}
         for name in config.variants:
             loss_type, mode = VARIANTS[name]
-            run_config = dataclasses.replace(config, output_dir=str(out / name))
             ds = Dataset.from_list([{"messages": r["messages"]} for r in datasets[mode]])
-            run = train_run(run_config, loss_type, config.beta, ds, evaluate, log=log)
+            run = train_run(run_config, dataclasses.replace(training, output_dir=str(out / name)), loss_type,
+                            training.beta, ds, evaluate, log=log)
             final = run["points"][-1][1]
             results[name] = final.row() | {"loss_type": loss_type, "reward_mode": mode,
                                            "train_seconds": round(run["seconds"], 1),
@@ -232,8 +232,14 @@ def run_sweep(config: BfclSweepConfig | None = None, *, log: Callable[[str], Non
             examples[name] = final.examples[:2]
             log(f"{name}: turn accuracy {final.turn_accuracy:.3f}, score {final.score:.3f}, "
                 f"KL {final.kl_states_mean:.3f}")
+        # the training fields the report reads, beside the task's own
+        config_doc = config.to_dict() | {"beta": training.beta, "max_steps": training.max_steps,
+                                         "batch_size": training.per_device_train_batch_size,
+                                         "learning_rate": training.learning_rate, "max_length": training.max_length,
+                                         "reward_normalization": training.reward_normalization,
+                                         "output_dir": training.output_dir, "seed": training.seed}
         doc = {
-            "config": config.to_dict(),
+            "config": config_doc,
             "subset": {"train": [e.id for e in train], "held_out": [e.id for e in held], "tokens": tokens,
                        "tokens_mean": float(np.mean(list(tokens.values())))},
             "offline_data": {"n": len(rows), "score_by_source": {k: float(np.mean(v)) for k, v in by_source.items()},
@@ -248,46 +254,25 @@ def run_sweep(config: BfclSweepConfig | None = None, *, log: Callable[[str], Non
         return doc
 
 
-def _read_yaml(path: str) -> dict[str, Any]:
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"{path}: must be a YAML mapping of BfclSweepConfig fields")
-    return data
+#: flags of ``--quick``: a smoke run that never writes the committed results
+QUICK = ["--n_entries", "4", "--holdout_every", "2", "--samples_per_entry", "0", "--max_steps", "1",
+         "--per_device_train_batch_size", "2", "--max_new_tokens", "8", "--max_length", "768",
+         "--output_dir", "runs/bfcl_quick"]
 
 
-QUICK = {"n_entries": 4, "holdout_every": 2, "samples_per_entry": 0, "max_steps": 1, "batch_size": 2,
-         "max_new_tokens": 8, "max_length": 768, "results": None, "output_dir": "runs/bfcl_quick"}
-
-
+@report_errors
 def main(argv: list[str] | None = None) -> int:
     """``python -m shiq_lab.tasks.bfcl.sweep --config FILE [--field value ...] [--quick]``."""
-    import yaml
-
+    from shiq_lab.infra.config import parse_config
     from shiq_lab.tasks.bfcl.report import write_results
 
-    fields = {f.name for f in dataclasses.fields(BfclSweepConfig)}
-    parser = argparse.ArgumentParser(prog="python -m shiq_lab.tasks.bfcl.sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=None, help="YAML file of BfclSweepConfig fields (flags override it)")
-    parser.add_argument("--quick", action="store_true", help="a smoke run (never writes the committed results)")
-    for name in sorted(fields):
-        parser.add_argument(f"--{name}", default=None, help="YAML value")
-    args = parser.parse_args(argv)
-    values = _read_yaml(args.config) if args.config else {}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        raise SystemExit(f"{args.config}: unknown field(s) {unknown}; fields: {', '.join(sorted(fields))}")
-    for name in fields:
-        flag = getattr(args, name)
-        if flag is not None:
-            values[name] = yaml.safe_load(flag)
-    if args.quick:
-        values.update(QUICK)
-    config = BfclSweepConfig(**values)
-    doc = run_sweep(config)
-    if config.results:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    quick = "--quick" in argv
+    argv = (QUICK if quick else []) + [a for a in argv if a != "--quick"]  # explicit flags win over --quick
+    config, training = parse_config((BfclSweepConfig, ShiQConfig), argv, defaults=TRAINING_DEFAULTS,
+                                    prog="python -m shiq_lab.tasks.bfcl.sweep", description=__doc__)
+    doc = run_sweep(config, training)
+    if config.results and not quick:
         paths = write_results(doc, Path(config.results))
         print(f"results: {', '.join(str(p) for p in paths)}")
     print(json.dumps(doc["results"], indent=1))

@@ -1,0 +1,1 @@
+"""Step 0: exact ground truth. Small token MDPs solved exactly (q*, v*, pi*), and tabular fits against them."""

@@ -1,0 +1,32 @@
+"""CPU thread count for small models.
+
+The models of the CPU-scale runs (``tiny``, ``imdb-small``, the sentiment classifier) have matrices
+so small that torch's intra-op threads cost more than they save: on a 2-core machine, one thread
+ran the notebook-04 sweep in a quarter of the CPU time of two. :func:`cpu_threads` sets the count
+for a block and restores it afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["cpu_threads"]
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(n)`` (``None``: leave torch's setting alone)."""
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ValueError(f"cpu_threads={n!r}: use an int >= 1, or None to keep torch's setting")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,1 @@
+"""Step 7: looking at what the model values: per-token Q, V, A tables, plotly figures, the ipywidgets explorer."""
