@@ -217,3 +217,16 @@ def test_module_level_data_of_the_back_ends_does_not_leak() -> None:
                 f"get_credit_card_balance(access_token={tok!r}, card_id={card!r})"]
     balances = [check_episode(e, calls).turns[0].results[1] for _ in range(2)]
     assert balances == ['{"card_balance": 4700.0}'] * 2
+
+
+@pytest.mark.skipif(not assets.is_fetched("bfcl-v4"), reason="BFCL-V4 (optional) is not fetched: "
+                    "`python -m shiq_lab.infra.assets fetch bfcl-v4`")
+def test_v4_ground_truth_scores_one_and_its_data_differ_from_v3() -> None:
+    differ = 0
+    for category in CATEGORIES:
+        v3 = {e.id: e for e in load_episodes(category, "v3")}
+        for e in load_episodes(category, "v4"):
+            assert check_episode(e, e.ground_truth).score == 1.0, e.id
+            old = v3[e.id]
+            differ += (old.turns, old.ground_truth, old.initial_config) != (e.turns, e.ground_truth, e.initial_config)
+    assert 200 < differ < 600  # 394 of the 800 entries differ in questions, answers or initial state

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULTS", "load_results", "readme_section", "results_table", "write_results"]
+__all__ = ["findings", "RESULTS", "load_results", "readme_section", "results_table", "write_results"]
 
 RESULTS = Path("benchmarks/results/bfcl_cpu.json")
 _LABELS = {"reference": "reference (SmolLM2-135M-Instruct)", "shiq_turn": "ShiQ, per-turn rewards",
@@ -42,17 +42,55 @@ def _scale(doc: dict[str, Any]) -> str:
             f"Wall time {doc['seconds'] / 60:.0f} min on the CPU.")
 
 
+def findings(doc: dict[str, Any]) -> str:
+    """What the comparison showed, in words generated from the numbers (no number typed by hand)."""
+    res = doc["results"]
+    ref = res["reference"]
+    n = max(int(ref["n_turns"]), 1)
+    variants = {k: v for k, v in res.items() if k != "reference"}
+    if not variants:
+        return "Only the reference was evaluated."
+    best = max(variants.values(), key=lambda r: (r["turn_accuracy"], r["score"]))
+    leaders = [k for k, r in variants.items() if r["turn_accuracy"] == best["turn_accuracy"]]
+    p = best["turn_accuracy"]
+    # binomial standard error of a per-turn accuracy over the held-out turns (turns of one episode are not
+    # independent, so this is optimistic)
+    sem = (max(p * (1 - p), 1 / n) / n) ** 0.5
+    parts = [f"The reference solves {ref['turn_accuracy']:.3f} of the {n} held-out turns "
+             f"(official score {ref['score']:.3f})."]
+    names = " and ".join(_LABELS.get(k, k) for k in leaders)
+    if best["turn_accuracy"] > ref["turn_accuracy"]:
+        parts.append(f"The best per-turn accuracy, {p:.3f}, is {names}'s, at KL {best['kl_states_mean']:.2f}.")
+    else:
+        parts.append("No variant improves on the reference's per-turn accuracy at this scale.")
+    if "shiq_turn" in variants and "shiq_final" in variants:
+        a, b = variants["shiq_turn"], variants["shiq_final"]
+        gap = a["turn_accuracy"] - b["turn_accuracy"]
+        if abs(gap) < 2 * sem:
+            verdict = "within two standard errors of each other: no measurable effect of the per-turn rewards here"
+        elif gap > 0:
+            verdict = "per-turn rewards ahead"
+        else:
+            verdict = "the final score alone ahead"
+        parts.append(f"ShiQ with per-turn rewards vs with the final score only: {a['turn_accuracy']:.3f} vs "
+                     f"{b['turn_accuracy']:.3f} per-turn accuracy ({verdict}).")
+    parts.append(f"One standard error of a per-turn accuracy near {p:.2f} over {n} turns is about {sem:.3f}; "
+                 "smaller differences are noise at this scale.")
+    return " ".join(parts)
+
+
 def write_results(doc: dict[str, Any], base: Path) -> list[Path]:
     """``base.json`` (the results document) and ``base.md`` (scale + table), byte-deterministic."""
     base = Path(base)
     base.parent.mkdir(parents=True, exist_ok=True)
     js, md = base.with_suffix(".json"), base.with_suffix(".md")
     js.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
-    md.write_text(f"# BFCL-V3 multi-turn tool use, CPU scale\n\n{_scale(doc)}\n\n{results_table(doc)}\n")
+    md.write_text(f"# BFCL-V3 multi-turn tool use, CPU scale\n\n{_scale(doc)}\n\n{results_table(doc)}\n\n"
+                  f"{findings(doc)}\n")
     return [js, md]
 
 
 def readme_section(root: Path) -> str:
     """The README block ``bfcl``: scale and results table from the committed results file."""
     doc = load_results(root)
-    return f"{_scale(doc)}\n\n{results_table(doc)}\n"
+    return f"{_scale(doc)}\n\n{results_table(doc)}\n\n{findings(doc)}\n"
