@@ -70,7 +70,7 @@ bench: setup
 bench-synthetic: setup
 	$(BIN)/python -m shiq_lab.tasks.synthetic synthetic $(BENCH_ARGS)
 
-# BFCL-V3 multi-turn tool use, CPU scale (SmolLM2-135M, ~40-60 min on 2 cores): writes
+# BFCL-V3 multi-turn tool use, CPU pipeline scale (SmolLM2-135M; ~40 min on a busy 2-core machine): writes
 # benchmarks/results/bfcl_cpu.{json,md}; BENCH_ARGS=--quick for a smoke run that writes nothing committed.
 bench-bfcl: setup
 	$(BIN)/python -m shiq_lab.tasks.bfcl.sweep --config configs/sweep/bfcl_cpu.yaml $(BENCH_ARGS)

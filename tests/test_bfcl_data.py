@@ -165,7 +165,8 @@ def test_quick_sweep_runs_every_variant_and_writes_no_committed_results(tmp_path
     doc = json.loads((tmp_path / "results.json").read_text())
     assert set(doc["results"]) == {"reference", *VARIANTS}
     assert doc["results"]["reference"]["kl_states_mean"] == 0.0
-    assert all(0.0 <= r["score"] <= r["turn_accuracy"] <= 1.0 for r in doc["results"].values())
+    assert all(0.0 <= r["score"] <= 1.0 and 0.0 <= r["turn_accuracy"] <= 1.0 for r in doc["results"].values())
+    assert all(r["score"] == 0.0 for r in doc["results"].values() if r["turn_accuracy"] == 0.0)
     assert not (tmp_path / "r.json").exists()  # --quick never writes results files
     assert (committed.read_bytes() if committed.exists() else None) == before
 
