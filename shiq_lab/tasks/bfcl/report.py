@@ -20,10 +20,15 @@ def load_results(root: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def _ordered(mapping: dict[str, Any], order: list[str]) -> list[tuple[str, Any]]:
+    """Items in a fixed order (the JSON file stores keys sorted), unknown keys last, sorted."""
+    return [(k, mapping[k]) for k in order if k in mapping] + sorted((k, v) for k, v in mapping.items() if k not in order)
+
+
 def results_table(doc: dict[str, Any]) -> str:
     """Markdown table: per-turn accuracy, official score and KL for the reference and each variant."""
     lines = ["| policy | per-turn accuracy | official score | KL(pi‖pi_ref) (± sem) |", "|---|---:|---:|---:|"]
-    for name, r in doc["results"].items():
+    for name, r in _ordered(doc["results"], list(_LABELS)):
         lines.append(f"| {_LABELS.get(name, name)} | {r['turn_accuracy']:.3f} | {r['score']:.3f} | "
                      f"{r['kl_states_mean']:.2f} ± {r['kl_states_sem']:.2f} |")
     return "\n".join(lines)
@@ -31,7 +36,8 @@ def results_table(doc: dict[str, Any]) -> str:
 
 def _scale(doc: dict[str, Any]) -> str:
     c, s, d = doc["config"], doc["subset"], doc["offline_data"]
-    sources = ", ".join(f"{k} {d['n_by_source'][k]} (score {v:.2f})" for k, v in d["score_by_source"].items())
+    sources = ", ".join(f"{k} {d['n_by_source'][k]} (score {v:.2f})"
+                        for k, v in _ordered(d["score_by_source"], ["ground_truth", "drop", "swap", "perturb", "sample"]))
     ref = doc["results"]["reference"]
     return (f"Scale: `{c['model']}`, BFCL-V3 `{c['category']}`, the {c['n_entries']} entries with the shortest "
             f"ground-truth conversation ({s['tokens_mean']:.0f} tokens on average, docs profile `{c['docs']}`), "
@@ -47,7 +53,7 @@ def findings(doc: dict[str, Any]) -> str:
     res = doc["results"]
     ref = res["reference"]
     n = max(int(ref["n_turns"]), 1)
-    variants = {k: v for k, v in res.items() if k != "reference"}
+    variants = {k: v for k, v in _ordered(res, list(_LABELS)) if k != "reference"}
     if not variants:
         return "Only the reference was evaluated."
     best = max(variants.values(), key=lambda r: (r["turn_accuracy"], r["score"]))
