@@ -18,9 +18,15 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic bench-bfcl lint
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic bench-bfcl lint git-filter
 
-setup: $(STAMP) assets
+setup: $(STAMP) assets git-filter
+
+# git sees notebooks without their outputs (.gitattributes): running them never dirties the tree.
+# The filter is stdlib-only Python, run from the repository root by git.
+git-filter:
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git config filter.strip-notebook.clean "python3 shiq_lab/infra/strip_notebook.py"; fi
 
 $(STAMP): pyproject.toml requirements-cpu.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,8 +64,10 @@ test-fast: setup
 test-slow: setup browser-deps
 	$(BIN)/python -m pytest -m slow $(PYTEST_ARGS)
 
+# JupyterLab on notebooks/ (--allow-root as root, no news toast, notebooks saved without outputs: LAB_ARGS=... for more)
+LAB_ARGS ?=
 lab: setup
-	$(BIN)/jupyter lab notebooks
+	$(BIN)/python -m shiq_lab.infra.lab $(LAB_ARGS)
 
 # Benchmarks write JSON + markdown under benchmarks/results/ (minutes; BENCH_ARGS=--quick for a smoke run).
 BENCH_ARGS ?=

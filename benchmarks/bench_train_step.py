@@ -319,7 +319,10 @@ def _probe_step(trainer):
 def _profile_table(fn, rows: int = 15) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    from shiq_lab.infra.runtime import quiet_native_stderr
+
+    # quiet: the CPU profiler prints 'USDT: ... profiler_start / profiler_stop' to stderr around every block
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)

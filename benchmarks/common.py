@@ -142,7 +142,10 @@ def ratio_summary(numerator: list[float], denominator: list[float]) -> dict[str,
 def _cpu_memory(fn: Callable[[], Any]) -> dict[str, int]:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    from shiq_lab.infra.runtime import quiet_native_stderr
+
+    # quiet: the CPU profiler prints 'USDT: ... profiler_start / profiler_stop' to stderr around every block
+    with quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # the raw allocation events (the aggregated event list folds them into operators)
     try:

@@ -18,7 +18,7 @@ from types import ModuleType
 LEGACY_MODULES: dict[str, str] = {
     "token_tree": "exact.tree",
     "tabular": "exact.fit",
-    "encoding": "data.inspect",
+    "encoding": "data.encode",
     "rewards": "data.rewards",
     "fused_logprobs": "lm.kernel",
     "trainer": "train.trainer",

@@ -5,7 +5,8 @@
     shiq-lab train --config configs/train/tiny_cpu.yaml [--beta 0.2 --loss_type dpo ...]
     shiq-lab precompute-ref --config configs/train/tiny_cpu.yaml [--output DIR]
     shiq-lab evaluate [...]
-    shiq-lab models fetch NAME [NAME ...]      # also: shiq-lab models list
+    shiq-lab models [list]                     # registered models and whether they are built
+    shiq-lab models fetch NAME [NAME ...]
 
 Every field of the YAML config is also a flag, and a flag overrides the file. The fields are those
 of :class:`RunArguments` (model, data, LoRA) and of :class:`shiq_lab.train.config.ShiQConfig` (all of
@@ -40,9 +41,14 @@ def parse_config(argv: list[str], *, extra: argparse.ArgumentParser | None = Non
     from shiq_lab.infra.config import parse_config as parse
 
     extra_ns = argparse.Namespace()
+    if extra is not None and ("-h" in argv or "--help" in argv):
+        parse((RunArguments, ShiQConfig), argv, prog=prog, parents=[extra])  # one list of every flag, extra ones too
     if extra is not None:
         extra_ns, argv = extra.parse_known_args(argv)
     run, cfg = parse((RunArguments, ShiQConfig), argv, prog=prog)
+    from shiq_lab.train.validation import validate_run
+
+    validate_run(run)  # ranges of the model / data / LoRA fields (issue 12)
     return run, cfg, extra_ns
 
 
@@ -105,16 +111,19 @@ def build_run(run: RunArguments, cfg: Any, *, with_train: bool = True):
 
 
 def _train(argv: list[str]) -> int:
-    run, cfg, _ = parse_config(argv)
-    trainer = build_run(run, cfg)
-    resume = cfg.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        from transformers.trainer_utils import get_last_checkpoint
+    from shiq_lab.train import runs
 
-        resume = get_last_checkpoint(cfg.output_dir)
-        if resume is None:
-            raise SystemExit(f"resume_from_checkpoint={cfg.resume_from_checkpoint}: no checkpoint-* folder in {cfg.output_dir}")
-    result = trainer.train(resume_from_checkpoint=resume)
+    run, cfg, _ = parse_config(argv)
+    # output folder and resume checks before any model load, tokenisation or reference pass (issue 12)
+    fields = runs.run_fields(run)
+    resume = runs.preflight(cfg, fields)
+    from shiq_lab.infra.models import resolve_model
+
+    for name in (run.model, run.ref_model):  # a missing folder / mistyped name / unreachable hub: now, not later
+        if name:
+            resolve_model(name)
+    trainer = build_run(run, cfg)
+    result = trainer.train(resume_from_checkpoint=resume, run_fields=fields)
     trainer.save_model()
     if trainer.args.should_save:
         target = Path(cfg.output_dir) / "log_history.json"
@@ -148,7 +157,8 @@ def _precompute(argv: list[str]) -> int:
         if ds is None:
             continue
         tok = tokenize_dataset(ds, tokenizer, max_length=cfg.max_length, truncation=cfg.truncation, add_eos=cfg.add_eos,
-                               preference_rewards=(cfg.chosen_reward, cfg.rejected_reward))
+                               preference_rewards=(cfg.chosen_reward, cfg.rejected_reward),
+                               allow_zero_rewards=cfg.allow_zero_rewards)
         kwargs = dict(batch_size=cfg.ref_batch_size, chunk_size=cfg.logits_chunk_size, logits_mode=cfg.logits_mode,
                       autocast_dtype=autocast_dtype(cfg))
         if ns.output and split == "train":
@@ -211,13 +221,13 @@ def _models(argv: list[str]) -> int:
     registered_models()  # tasks' models too
 
     parser = argparse.ArgumentParser(prog="shiq-lab models", description="registered models (built once, offline)")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub = parser.add_subparsers(dest="cmd")
     fetch = sub.add_parser("fetch", help="build / convert a registered model into the local cache")
     fetch.add_argument("names", nargs="+", help=f"one of: {', '.join(MODEL_BUILDERS)}")
     fetch.add_argument("--rebuild", action="store_true")
     sub.add_parser("list", help="registered models and whether they are built")
     args = parser.parse_args(argv)
-    if args.cmd == "list":
+    if args.cmd in (None, "list"):  # `shiq-lab models` alone lists them
         for name in MODEL_BUILDERS:
             built = (cache_dir() / "models" / name / ".complete").exists()
             print(f"{name:16s} {'built' if built else 'not built'}")
@@ -259,7 +269,12 @@ def _usage() -> str:
 
 @report_errors
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``shiq-lab``."""
+    """Entry point of ``shiq-lab``.
+
+    The project's own errors (:class:`shiq_lab.errors.ShiQLabError`: bad data, stale caches, config,
+    models, run folders) print as one message on stderr with exit code 2; ``--debug`` (anywhere on
+    the line) or ``SHIQ_LAB_DEBUG=1`` shows the traceback instead (:func:`shiq_lab.errors.report_errors`).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
@@ -269,7 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in commands:
         print(f"shiq-lab: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return commands[cmd][0](rest)
+    from shiq_lab.train.progress import quiet_library_bars
+
+    with quiet_library_bars():  # the training bar and its log lines, not one bar per dataset map or model save
+        return commands[cmd][0](rest)
 
 
 if __name__ == "__main__":

@@ -17,12 +17,25 @@ The public names ``token_logprobs`` and ``shiq_loss`` and their signatures are f
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 __all__ = [
     "LossOutput",
+    "LossSpec",
+    "LOSSES",
+    "PairRule",
+    "Unit",
+    "is_pairwise",
+    "response_pairs",
+    "soft_dpo_loss",
+    "trusted_inputs",
+    "checks_values",
     "token_logprobs",
     "shiq_loss",
     "naive_q_loss",
@@ -36,27 +49,107 @@ __all__ = [
     "PAIRWISE_LOSSES",
 ]
 
-LOSS_TYPES = ("shiq", "dpo", "dro", "copg")
-#: the loss types trained on pairs of responses to one prompt (their rows are whole prompt groups)
-PAIRWISE_LOSSES = ("dpo", "copg")
+#: what a metric is a mean over: response tokens, sequences (rows) or pairs of rows
+Unit = Literal["token", "sequence", "pair"]
+#: how rows answering one prompt are paired: every unordered pair, (better, worse) by return, or a seeded cycle
+PairRule = Literal["all", "preference", "cycle"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss type: its level, how it pairs rows (None: it does not), and whether ShiQTrainer trains it."""
+
+    name: str
+    level: Literal["token", "sequence"]
+    pairing: PairRule | None
+    description: str
+    in_trainer: bool = True
+
+    @property
+    def pairwise(self) -> bool:
+        return self.pairing is not None
+
+
+#: the one registry of loss types; every caller (trainer, task sweeps, the synthetic suite, reports) reads it
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
+    LossSpec("shiq", "token", None, "ShiQ: squared shifted Bellman residuals on every response token"),
+    LossSpec("dpo", "sequence", "preference", "DPO on (chosen, rejected) pairs ordered by return"),
+    LossSpec("dpo_bt", "sequence", "cycle", "DPO against Bradley-Terry soft labels sigmoid(R - R') (diagnostic)",
+             in_trainer=False),
+    LossSpec("dro", "sequence", None, "DRO with a learned value V_phi(x) of the prompt"),
+    LossSpec("copg", "sequence", "all", "CoPG on pairs of responses to one prompt"),
+)}
+
+#: the loss types ShiQTrainer accepts (``ShiQConfig.loss_type``)
+LOSS_TYPES = tuple(name for name, spec in LOSSES.items() if spec.in_trainer)
+#: the trainer's loss types trained on pairs of responses to one prompt (their rows are whole prompt groups)
+PAIRWISE_LOSSES = tuple(name for name in LOSS_TYPES if LOSSES[name].pairwise)
+
+
+def is_pairwise(name: str) -> bool:
+    """Whether loss ``name`` learns from pairs of responses to one prompt (see :data:`LOSSES`)."""
+    if name not in LOSSES:
+        raise ValueError(f"loss {name!r}: choose one of {sorted(LOSSES)}")
+    return LOSSES[name].pairwise
 
 
 @dataclass
 class LossOutput:
-    """Result of a loss: scalar ``loss``, ``residuals`` [B, T] (0 off the mask) and float ``metrics``.
+    """Result of a loss: scalar ``loss``, ``residuals`` [B, T] (0 off the mask) and ``metrics``.
 
     Token-level losses put the Bellman residual delta_t on every response token. Sequence-level
     losses (DPO, DRO, CoPG) put each sequence's own term on its last response token.
+
+    ``metrics`` are detached 0-d tensors (no host synchronisation; :meth:`floats` converts them
+    once). ``metric_reduction`` says what each metric is a mean over (:data:`Unit`), so a caller
+    averaging metrics over batches or processes weights each by that unit's count.
     """
 
     loss: torch.Tensor
     residuals: torch.Tensor
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    metric_reduction: dict[str, Unit] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        missing = sorted(set(self.metrics) - set(self.metric_reduction))
+        if missing:
+            raise ValueError(f"metrics {missing} have no entry in metric_reduction: say what each is a mean over")
+
+    def floats(self) -> dict[str, float]:
+        """The metrics as Python floats (one host synchronisation for all of them)."""
+        if not self.metrics:
+            return {}
+        values = torch.stack([v.detach().to(torch.float64).reshape(()) for v in self.metrics.values()]).tolist()
+        return dict(zip(self.metrics, values))
 
 
-def _scalar(t: torch.Tensor) -> float:
-    """A metric as a float; detached so that a graph-carrying loss does not warn."""
-    return float(t.detach())
+def _scalar(t: torch.Tensor) -> torch.Tensor:
+    """A metric: detached (a graph-carrying loss must not keep its graph alive through logging)."""
+    return t.detach()
+
+
+_TRUSTED: contextvars.ContextVar[bool] = contextvars.ContextVar("shiq_lab_trusted_inputs", default=False)
+
+
+@contextlib.contextmanager
+def trusted_inputs() -> Iterator[None]:
+    """Skip the input checks that read tensor values (and so synchronise with the device).
+
+    Inside, the losses here and :func:`shiq_lab.lm.kernel.chunked_token_logprobs` check shapes and
+    dtypes only: masks being 0/1, rows having a response token, finite rewards, token ids and pair
+    indices in range are the caller's promise. ShiQTrainer validates its datasets once and trains
+    inside this context, so a training step makes no host synchronisation.
+    """
+    token = _TRUSTED.set(True)
+    try:
+        yield
+    finally:
+        _TRUSTED.reset(token)
+
+
+def checks_values() -> bool:
+    """False inside :func:`trusted_inputs`."""
+    return not _TRUSTED.get()
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -98,6 +191,8 @@ def _check(beta: float, mask: torch.Tensor, rewards: torch.Tensor | None = None,
         if t.shape != mask.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but mask has {tuple(mask.shape)}: all per-token inputs must be [B, T]")
     bmask = mask.bool()
+    if not checks_values():
+        return bmask
     if not torch.all((mask == 0) | (mask == 1)):
         raise ValueError("mask must hold only 0 and 1 (1 on tokens the policy generated)")
     empty = ~bmask.any(dim=1)
@@ -119,7 +214,7 @@ def _next_policy_index(bmask: torch.Tensor, n: int) -> tuple[torch.Tensor, torch
     ``rank_t + n`` is where an n-step sum stops and its bootstrap is read. Environment tokens are
     skipped, which is what lets the value bridge across them.
     """
-    B, T = bmask.shape
+    T = bmask.shape[1]
     rank = torch.cumsum(bmask.long(), dim=1)  # 1-based rank of each policy token
     count = rank[:, -1:]
     # positions of policy tokens in order, then the others (stable keeps their order)
@@ -202,14 +297,18 @@ def shiq_loss(
         first = bmask.long().argmax(1)
         rows = torch.arange(mask.shape[0], device=mask.device)
         metrics = {
-            "loss": float(loss),
-            "residual_abs_mean": float(delta.abs().sum() / n_tok.sum()),
-            "first_residual_abs_mean": float(delta[rows, first].abs().mean()),
-            "logratio_seq_mean": float(lr.sum(1).mean()),
-            "value_first_mean": float(beta * dv[rows, first].mean()),
-            "reward_seq_mean": float(torch.where(bmask, rewards, zero).sum(1).mean()),
+            "loss": loss.detach(),
+            "residual_abs_mean": delta.abs().sum() / n_tok.sum(),
+            "first_residual_abs_mean": delta[rows, first].abs().mean(),
+            "logratio_seq_mean": lr.sum(1).mean(),
+            "value_first_mean": beta * dv[rows, first].mean(),
+            "reward_seq_mean": torch.where(bmask, rewards, zero).sum(1).mean(),
         }
-    return LossOutput(loss, delta, metrics)
+    loss_unit: Unit = "token" if reduction == "token" else "sequence"
+    units: dict[str, Unit] = {"loss": loss_unit, "residual_abs_mean": "token", "first_residual_abs_mean": "sequence",
+                              "logratio_seq_mean": "sequence", "value_first_mean": "sequence",
+                              "reward_seq_mean": "sequence"}
+    return LossOutput(loss, delta, metrics, units)
 
 
 def shiq_logit_grad(
@@ -261,14 +360,15 @@ def naive_q_loss(
     if ref_logits.shape != logits.shape:
         raise ValueError(f"ref_logits shape {tuple(ref_logits.shape)} must equal logits shape {tuple(logits.shape)}")
     dt = _compute_dtype(logits)
-    l = logits.to(dt)
-    q_taken = l.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
+    lg = logits.to(dt)
+    q_taken = lg.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
     with torch.no_grad():
-        v = beta * torch.logsumexp(torch.log_softmax(ref_logits.to(dt), -1) + l / beta, dim=-1)
+        v = beta * torch.logsumexp(torch.log_softmax(ref_logits.to(dt), -1) + lg / beta, dim=-1)
     delta = q_taken - rewards.to(dt) - _bootstrap_next(v, bmask)
-    delta = torch.where(bmask, delta, torch.zeros((), dtype=dt, device=l.device))
+    delta = torch.where(bmask, delta, torch.zeros((), dtype=dt, device=lg.device))
     loss = _mean_sq(delta, bmask)
-    return LossOutput(loss, delta, {"loss": _scalar(loss), "residual_abs_mean": _scalar(delta.abs().sum() / bmask.sum())})
+    return LossOutput(loss, delta, {"loss": _scalar(loss), "residual_abs_mean": _scalar(delta.abs().sum() / bmask.sum())},
+                      {"loss": "token", "residual_abs_mean": "token"})
 
 
 def scoring_loss(
@@ -293,7 +393,8 @@ def scoring_loss(
     delta = beta * (g_taken - ref_logp - _bootstrap_next(logz.detach(), bmask)) - rewards
     delta = torch.where(bmask, delta, torch.zeros((), dtype=dt, device=logp.device))
     loss = _mean_sq(delta, bmask)
-    return LossOutput(loss, delta, {"loss": _scalar(loss), "residual_abs_mean": _scalar(delta.abs().sum() / bmask.sum())})
+    return LossOutput(loss, delta, {"loss": _scalar(loss), "residual_abs_mean": _scalar(delta.abs().sum() / bmask.sum())},
+                      {"loss": "token", "residual_abs_mean": "token"})
 
 
 def sequence_logratio(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -314,7 +415,7 @@ def _on_last_token(values: torch.Tensor, bmask: torch.Tensor) -> torch.Tensor:
 def _check_pairs(pairs: torch.Tensor, batch: int, name: str) -> None:
     if pairs.numel() == 0:
         raise ValueError(f"{name} is empty: a pairwise loss needs at least one pair of responses to the same prompt")
-    if pairs.dtype != torch.long or int(pairs.min()) < 0 or int(pairs.max()) >= batch:
+    if pairs.dtype != torch.long or (checks_values() and (int(pairs.min()) < 0 or int(pairs.max()) >= batch)):
         raise ValueError(f"{name} must be long row indices in [0, {batch}); got {pairs.tolist()}")
 
 
@@ -342,7 +443,34 @@ def dpo_loss(
     loss = -torch.nn.functional.logsigmoid(margin).mean()
     metrics = {"loss": _scalar(loss), "margin_mean": _scalar(margin.mean()), "accuracy": _scalar((margin > 0).float().mean()),
                "logratio_seq_mean": _scalar(lr.mean())}
-    return LossOutput(loss, _on_last_token(beta * lr, bmask), metrics)
+    units: dict[str, Unit] = {"loss": "pair", "margin_mean": "pair", "accuracy": "pair", "logratio_seq_mean": "sequence"}
+    return LossOutput(loss, _on_last_token(beta * lr, bmask), metrics, units)
+
+
+def soft_dpo_loss(
+    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, returns: torch.Tensor, pairs: torch.Tensor, *, beta: float
+) -> LossOutput:
+    """DPO against Bradley-Terry soft labels: ``-[p ln s(m) + (1-p) ln s(-m)]``, ``p = s(R - R')``.
+
+    ``m = beta*(lr(y) - lr(y'))`` for each pair ``(y, y')`` of ``pairs`` [P, 2]; s is the logistic
+    sigmoid and ``returns`` [B] the rows' returns. Its minimiser per pair is
+    ``beta*(lr(y) - lr(y')) = R(y) - R(y')``, CoPG's. Residual per sequence, as for DPO: its implied
+    reward ``beta*logratio`` (on its last response token).
+    """
+    bmask = _check(beta, mask, logp=logp, ref_logp=ref_logp)
+    if pairs.dim() != 2 or pairs.shape[1] != 2:
+        raise ValueError(f"pairs must be [P, 2] row indices, got shape {tuple(pairs.shape)}")
+    if returns.shape != mask.shape[:1]:
+        raise ValueError(f"returns must be [B]={tuple(mask.shape[:1])} (one return per row), got {tuple(returns.shape)}")
+    _check_pairs(pairs, mask.shape[0], "pairs")
+    lr = sequence_logratio(logp, ref_logp, mask)
+    margin = beta * (lr[pairs[:, 0]] - lr[pairs[:, 1]])
+    p = torch.sigmoid(returns[pairs[:, 0]] - returns[pairs[:, 1]]).to(margin.dtype)
+    logsig = torch.nn.functional.logsigmoid
+    loss = -(p * logsig(margin) + (1 - p) * logsig(-margin)).mean()
+    metrics = {"loss": _scalar(loss), "margin_mean": _scalar(margin.mean()), "logratio_seq_mean": _scalar(lr.mean())}
+    units: dict[str, Unit] = {"loss": "pair", "margin_mean": "pair", "logratio_seq_mean": "sequence"}
+    return LossOutput(loss, _on_last_token(beta * lr, bmask), metrics, units)
 
 
 def dro_loss(
@@ -369,7 +497,8 @@ def dro_loss(
     loss = 0.5 * resid.square().mean()
     metrics = {"loss": _scalar(loss), "residual_abs_mean": _scalar(resid.abs().mean()), "logratio_seq_mean": _scalar(lr.mean()),
                "value_mean": _scalar(values.mean())}
-    return LossOutput(loss, _on_last_token(resid, bmask), metrics)
+    units: dict[str, Unit] = dict.fromkeys(metrics, "sequence")
+    return LossOutput(loss, _on_last_token(resid, bmask), metrics, units)
 
 
 def copg_loss(
@@ -397,4 +526,41 @@ def copg_loss(
     diff = own[pairs[:, 0]] - own[pairs[:, 1]]
     loss = diff.square().mean()
     metrics = {"loss": _scalar(loss), "pair_residual_abs_mean": _scalar(diff.abs().mean()), "logratio_seq_mean": _scalar(lr.mean())}
-    return LossOutput(loss, _on_last_token(own, bmask), metrics)
+    units: dict[str, Unit] = {"loss": "pair", "pair_residual_abs_mean": "pair", "logratio_seq_mean": "sequence"}
+    return LossOutput(loss, _on_last_token(own, bmask), metrics, units)
+
+
+def response_pairs(
+    groups: torch.Tensor, *, rule: PairRule, returns: torch.Tensor | None = None, seed: int = 0
+) -> torch.Tensor:
+    """[P, 2] row-index pairs of rows sharing a group (rows answering one prompt), by ``rule``.
+
+    - ``"all"``: every unordered pair (i < j), in row-major order: CoPG in training.
+    - ``"preference"``: ordered (better, worse) by ``returns``, ties skipped: DPO's chosen / rejected.
+    - ``"cycle"``: each group's rows, shuffled by ``seed`` (groups in increasing order, one generator),
+      joined in a cycle: m >= 3 rows give m pairs (every row in two, all connected), 2 rows one
+      pair, 1 row none. Connected like ``"all"`` with m pairs instead of m(m-1)/2 (the synthetic
+      benchmark's rule).
+
+    The result may be empty ([0, 2]) when no group has two rows (or, for ``"preference"``, two returns).
+    """
+    if rule == "all":
+        same = groups[:, None] == groups[None, :]
+        return torch.nonzero(same & torch.ones_like(same).triu(1))
+    if rule == "preference":
+        if returns is None:
+            raise ValueError("rule='preference' needs returns= (one return per row) to order each pair")
+        same = groups[:, None] == groups[None, :]
+        return torch.nonzero(same & (returns[:, None] > returns[None, :]))
+    if rule == "cycle":
+        gen = torch.Generator().manual_seed(seed)
+        pairs = []
+        for p in torch.unique(groups).tolist():
+            rows = torch.nonzero(groups == p).flatten()
+            rows = rows[torch.randperm(rows.numel(), generator=gen)]
+            if rows.numel() == 2:
+                pairs.append(rows[None])
+            elif rows.numel() > 2:
+                pairs.append(torch.stack([rows, rows.roll(-1)], dim=1))
+        return torch.cat(pairs) if pairs else torch.zeros(0, 2, dtype=torch.long, device=groups.device)
+    raise ValueError(f"pair rule={rule!r}: choose 'all', 'preference' or 'cycle'")

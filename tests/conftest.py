@@ -17,5 +17,8 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _seed() -> None:
+def _seed_and_one_thread() -> None:
+    """Every test starts seeded and on one torch thread (the one place this is set: a test that changes it
+    is reset before the next one)."""
     torch.manual_seed(0)
+    torch.set_num_threads(1)

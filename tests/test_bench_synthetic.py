@@ -245,7 +245,7 @@ def test_committed_data_files_match_the_generator() -> None:
     assert manifest["seeds"] == list(SuiteConfig().seeds) and manifest["size"] == SuiteConfig().largest_size
     same_torch = manifest["torch"] == torch.__version__.split("+")[0]
     for fname, entry in manifest["files"].items():
-        tree, datasets = load_datasets(folder / fname)
+        _tree, datasets = load_datasets(folder / fname)
         for b, fingerprint in entry["fingerprints"].items():
             assert dataset_fingerprint(datasets[b]) == fingerprint, (fname, b)  # the file is intact
             if same_torch:  # and the generator still produces it (RNG streams may change across torch releases)

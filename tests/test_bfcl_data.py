@@ -170,12 +170,3 @@ def test_quick_sweep_runs_every_variant_and_writes_no_committed_results(tmp_path
     assert not (tmp_path / "r.json").exists()  # --quick never writes results files
     assert (committed.read_bytes() if committed.exists() else None) == before
 
-
-def test_readme_block_is_generated_from_the_committed_results() -> None:
-    from shiq_lab.tasks.bfcl.report import readme_section
-
-    root = Path(__file__).resolve().parent.parent
-    text = (root / "README.md").read_text()
-    begin, end = "<!-- BEGIN generated: bfcl -->\n", "<!-- END generated: bfcl -->"
-    block = text[text.index(begin) + len(begin): text.index(end)]
-    assert block == readme_section(root), "README block bfcl is stale: regenerate it from benchmarks/results/bfcl_cpu.json"

@@ -1,11 +1,20 @@
-"""Notebook 02 in a real JupyterLab, driven in Debian's headless chromium by playwright.
+"""The notebooks in a real JupyterLab, driven in Debian's headless chromium by playwright.
 
-Starts JupyterLab on a free loopback port with a token (temporary runtime/config folders, a copy of
-the notebook so autosave never touches the repository), runs all cells of notebook 02 with its
-default (tiny) parameters, waits for the plotly figures and the explorer widget, switches the
-explorer's quantity, checks that the figure's data changed to the new quantity, and saves a
-screenshot under ``artifacts/browser/``. Uses the system chromium (``make browser-deps``), never a
-browser download.
+Starts JupyterLab on a free loopback port with a token (temporary runtime/config folders, copies of
+the notebooks so autosave never touches the repository) and checks, in the browser:
+
+- notebook 02 runs with its default (tiny) parameters, every plotly figure renders, and the
+  explorer's quantity toggle changes the figure's data to the new quantity;
+- every plotly figure is complete at window widths of 1400 px and 1000 px: no static image wider
+  than its output area, and the figure, its title, its legend (every entry) and its colour bars
+  inside the visible output area. A gallery notebook of the library's figures (the benchmark's, the frontier,
+  the training curves, the token views) gets the same check, and two deliberately broken figures in
+  it (a fixed-width figure with its legend on the right, a fixed 1000 px PNG shown first) must be
+  flagged: the check can fail;
+- (slow) notebooks 01, 03 and 04 the same way.
+
+Screenshots of each notebook at both widths go to ``artifacts/browser/``. Uses the system chromium
+(``make browser-deps``), never a browser download.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +36,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "02_token_values.ipynb"
+WIDTHS = (1400, 1000)
+GALLERY = "00_figure_gallery.ipynb"
+# broken figures of the gallery the completeness check must flag at both widths (with the file browser open,
+# a notebook's output area is under 1000 px wide even in a 1400 px window)
+CANARIES = ("CANARY fixed width", "CANARY fixed png")
 ARTIFACTS = ROOT / "artifacts" / "browser"
 CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -59,15 +74,71 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
     raise TimeoutError(f"JupyterLab did not answer {url} in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture()
-def lab(tmp_path):
-    """A JupyterLab serving a copy of notebook 02; yields (url, token); shut down afterwards."""
+def _gallery(path: Path) -> None:
+    """A notebook of the library's figures on small or committed data, plus two broken canaries."""
+    import nbformat
+
+    results = ROOT / "benchmarks" / "results" / "synthetic.json"
+    cells = [
+        # no static copies: what is measured is the interactive figure (and it saves the kaleido time)
+        "import plotly.io as pio\nfrom shiq_lab.views.figures import configure_plotly\nconfigure_plotly(static=False)\n"
+        + "pio.renderers.default = 'plotly_mimetype'",
+        f"import json\nwith open({str(results)!r}) as fh:\n    results = json.load(fh)",
+        textwrap.dedent("""\
+            from shiq_lab.tasks.synthetic.plots import efficiency_figure, frontier_figure, headline_figure, learning_curves_figure
+            headline_figure(results).show()
+            learning_curves_figure(results, 'tabular', 'token', 'uniform').show()
+            efficiency_figure(results, 'tabular', 'token', 'mix').show()
+            frontier_figure(results).show()"""),
+        textwrap.dedent("""\
+            import pandas as pd
+            from shiq_lab.evaluation import FRONTIER_COLUMNS, plot_frontier
+            common = dict(reward_sem=0.01, kl_sem=0.02, kl_states_sem=0.02, length_mean=10, finished_fraction=0.1, n=64,
+                          path='', label='')
+            rows = [dict(loss_type='reference', beta=float('nan'), step=0, reward_mean=0.5, kl_mean=0.0,
+                         kl_states_mean=0.0, **common)]
+            rows += [dict(loss_type=lt, beta=b, step=s, reward_mean=0.5 + s / 400 + b / 10, kl_mean=s / 200 / b,
+                          kl_states_mean=s / 200 / b, **common)
+                     for lt in ('shiq', 'dpo', 'dro', 'copg') for b in (0.1, 0.5) for s in (20, 40)]
+            plot_frontier(pd.DataFrame(rows)[FRONTIER_COLUMNS], title='plot_frontier').show()"""),
+        textwrap.dedent("""\
+            from shiq_lab.views.curves import training_curves
+            history = pd.DataFrame([dict(loss_type=lt, beta=b, step=s, loss=1 / s + b, kl=s * b / 100)
+                                    for lt in ('shiq', 'dpo', 'dro', 'copg') for b in (0.1, 0.5) for s in range(1, 41)])
+            training_curves(history, 'loss').show()
+            training_curves(history, 'kl', facet=False).show()"""),
+        textwrap.dedent("""\
+            import plotly.graph_objects as go
+            canary = go.Figure([go.Scatter(y=[1, 2, k], name=f'a long legend entry number {k}') for k in range(6)])
+            canary.update_layout(title='CANARY fixed width', width=1500, legend={'orientation': 'v', 'x': 1.02, 'y': 1})
+            canary.show()"""),
+        textwrap.dedent("""\
+            import warnings
+            import plotly.io as pio
+            from plotly.io._base_renderers import PngRenderer
+            pio.renderers['fixed_png'] = PngRenderer(width=1000, scale=1)  # what the figures carried before
+            canary.update_layout(title='CANARY fixed png', width=None)
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore')
+                canary.show(renderer='plotly_mimetype+fixed_png')"""),
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, path)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A JupyterLab serving copies of the notebooks and the figure gallery; yields (url, token)."""
+    tmp_path = tmp_path_factory.mktemp("lab")
     jupyter = Path(sys.executable).parent / "jupyter"
     if not jupyter.exists():
         pytest.skip(f"{jupyter} not found: install the notebooks extra (make setup)")
     root = tmp_path / "root"
     root.mkdir()
-    shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
+    for nb in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"):
+        shutil.copy(nb, root / nb.name)
+    _gallery(root / GALLERY)
     port, token = _free_port(), secrets.token_hex(16)
     settings = tmp_path / "lab-settings"
     tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
@@ -106,7 +177,7 @@ def lab(tmp_path):
             req = urllib.request.Request(f"{url}/api/shutdown?token={token}", method="POST", data=b"")
             urllib.request.urlopen(req, timeout=10)
             proc.wait(timeout=30)
-        except Exception:
+        except Exception:  # noqa: BLE001 -- a server that is already gone is killed below
             pass
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -137,47 +208,137 @@ _STRIP = "() => { const d = document.querySelector('.shiq-explorer .shiq-strip .
          "return d && d.data ? {name: d.data[0].name, z: d.data[0].z} : null; }"
 
 
-def test_notebook_02_runs_in_jupyterlab_and_the_explorer_reacts(lab, tmp_path) -> None:
+# Every plotly output: the visible output area, and what must lie inside it (a shown static image, the
+# figure's svg, each legend entry, each colour bar). Legend entries must also lie inside the figure.
+_FIGURES = """() => {
+  const box = e => { const b = e.getBoundingClientRect(); return {l: b.left, t: b.top, r: b.right, b: b.bottom}; };
+  const cells = [...document.querySelectorAll('.jp-Notebook .jp-Cell')];
+  const found = [];
+  document.querySelectorAll('.jp-Notebook .jp-RenderedPlotly').forEach(p => {
+    const area = p.closest('.jp-OutputArea-output');
+    if (!area || area.offsetParent === null) return;  // hidden (a collapsed widget part)
+    const img = p.querySelector('img.plot-img');
+    const imgShown = img && img.getAttribute('src') && getComputedStyle(img).display !== 'none';
+    const svg = p.querySelector('.main-svg');
+    const title = ((p.querySelector('.gtitle') || {}).textContent || '').trim();
+    const items = [];
+    if (imgShown) items.push({kind: 'static image', ...box(img)});
+    else if (svg) {
+      items.push({kind: 'figure', ...box(svg)});
+      p.querySelectorAll('.legend .traces').forEach(t => items.push({kind: 'legend entry ' + t.textContent.trim(), ...box(t)}));
+      p.querySelectorAll('.colorbar').forEach(c => items.push({kind: 'colour bar', ...box(c)}));
+      p.querySelectorAll('.gtitle').forEach(t => items.push({kind: 'title ' + t.textContent.trim(), ...box(t)}));
+    }
+    const cell = p.closest('.jp-Cell');
+    const source = ((cell && cell.querySelector('.jp-InputArea-editor')) || {}).textContent || '';
+    const canary = (source.match(/CANARY [a-z ]+/) || [''])[0];
+    found.push({cell: cells.indexOf(cell), title: canary || title,
+                area: box(area), figure: svg ? box(svg) : null, items});
+  });
+  return found;
+}"""
+
+
+def _cut(figures: list[dict], tol: float = 1.0) -> list[str]:
+    """What lies outside its output area (or, for legend entries, outside the figure): one line each."""
+    problems = []
+    for f in figures:
+        area, fig = f["area"], f["figure"]
+        for it in f["items"]:
+            where = f"cell {f['cell']} '{f['title'][:50]}': {it['kind'][:60]}"
+            if it["l"] < area["l"] - tol or it["r"] > area["r"] + tol:
+                problems.append(f"{where} spans x {it['l']:.0f}-{it['r']:.0f}, output area {area['l']:.0f}-{area['r']:.0f}")
+            elif it["kind"].startswith("legend entry") and fig and (it["t"] < fig["t"] - tol or it["b"] > fig["b"] + tol
+                                                                     or it["r"] > fig["r"] + tol):
+                problems.append(f"{where} lies outside its figure")
+    return problems
+
+
+def _open(page, url: str, token: str, name: str, width: int) -> None:
+    page.set_viewport_size({"width": width, "height": 1000})
+    page.goto(f"{url}/lab/tree/{name}?reset&token={token}", timeout=90_000)
+    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
+                           "&& window.jupyterapp.shell.currentWidget.sessionContext", timeout=90_000)
+    page.wait_for_function(f"() => {{ const s = ({_NOTEBOOK_STATE})(); return s && s.kernel === 'idle'; }}",
+                           timeout=120_000)
+
+
+def _run_all(page, name: str, timeout_s: int = 300) -> dict:
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    # done when every code cell has run (or one failed) and the kernel is idle again
+    page.wait_for_function(
+        f"""() => {{ const s = ({_NOTEBOOK_STATE})();
+            return s && s.kernel === 'idle' && (s.cells.every(c => c.count !== null)
+                   || s.cells.some(c => c.errors.length)); }}""", timeout=timeout_s * 1000, polling=1000)
+    state = page.evaluate(_NOTEBOOK_STATE)
+    errors = [e for c in state["cells"] for e in c["errors"]]
+    assert not errors, f"{name} failed in JupyterLab: {errors}"
+    return state
+
+
+def _figures_at(page, width: int, n_expected: int) -> list[dict]:
+    """Resize the window to ``width`` and measure every figure once plotly has drawn (and re-laid out) all."""
+    page.set_viewport_size({"width": width, "height": 1000})
+    page.wait_for_function(f"() => document.querySelectorAll('.jp-Notebook .jp-RenderedPlotly').length >= {n_expected}",
+                           timeout=60_000)
+    page.wait_for_timeout(1500)  # JupyterLab's resize -> plotly's relayout
+    return page.evaluate(_FIGURES)
+
+
+def _screenshot(page, stem: str, width: int) -> None:
+    """The whole notebook: a window tall enough for all of it (JupyterLab scrolls inside the page)."""
+    height = page.evaluate("() => { const n = document.querySelector('.jp-NotebookPanel .jp-WindowedPanel-outer') "
+                           "|| document.querySelector('.jp-NotebookPanel-notebook'); return n ? n.scrollHeight + 200 : 1000; }")
+    page.set_viewport_size({"width": width, "height": min(int(height), 30_000)})
+    page.evaluate("() => document.querySelectorAll('.jp-NotebookPanel .jp-WindowedPanel-outer').forEach(e => e.scrollTop = 0)")
+    page.wait_for_timeout(1500)
+    page.screenshot(path=str(ARTIFACTS / f"{stem}_{width}px.png"))
+    page.set_viewport_size({"width": width, "height": 1000})
+
+
+def _check_notebook_complete(page, stem: str, n_figures: int, *, canaries: tuple[str, ...] = ()) -> None:
+    for width in WIDTHS:
+        figures = _figures_at(page, width, n_figures)
+        problems = _cut(figures)
+        expected = set(canaries)
+        flagged = {c for c in CANARIES if any(f"'{c}" in p for p in problems)}
+        assert flagged == expected, f"at {width} px the check flagged {flagged or 'nothing'} among the broken figures, " \
+                                    f"expected {expected or 'nothing'}"
+        problems = [p for p in problems if not any(f"'{c}" in p for c in CANARIES)]
+        assert not problems, f"{stem} at {width} px: cut figures:\n" + "\n".join(problems)
+        _screenshot(page, stem, width)
+
+
+def _browser(tmp_path):
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no chromium installed: `make browser-deps` installs Debian's chromium with apt (needs root); "
                     "this test never downloads a browser")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright (dev extra) is not installed")
-    url, token = lab
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return chromium, playwright
+
+
+def test_notebook_02_runs_in_jupyterlab_and_the_explorer_reacts(lab, tmp_path) -> None:
+    chromium, playwright = _browser(tmp_path)
+    url, token = lab
     with playwright.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": 1400, "height": 1000})  # a new, empty profile every run
+            viewport={"width": WIDTHS[0], "height": 1000})  # a new, empty profile every run
         try:
             page = context.pages[0] if context.pages else context.new_page()
-            page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?reset&token={token}", timeout=90_000)
-            page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget "
-                                   "&& window.jupyterapp.shell.currentWidget.sessionContext", timeout=90_000)
-            page.wait_for_function(f"() => {{ const s = ({_NOTEBOOK_STATE})(); return s && s.kernel === 'idle'; }}",
-                                   timeout=120_000)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
-            # done when every code cell has run (or one failed) and the kernel is idle again
-            page.wait_for_function(
-                f"""() => {{ const s = ({_NOTEBOOK_STATE})();
-                    return s && s.kernel === 'idle' && (s.cells.every(c => c.count !== null)
-                           || s.cells.some(c => c.errors.length)); }}""", timeout=300_000, polling=1000)
-            state = page.evaluate(_NOTEBOOK_STATE)
-            errors = [e for c in state["cells"] for e in c["errors"]]
-            assert not errors, f"notebook 02 failed in JupyterLab: {errors}"
-
+            _open(page, url, token, NOTEBOOK.name, WIDTHS[0])
+            state = _run_all(page, NOTEBOOK.name)
             page.wait_for_selector(".shiq-explorer .shiq-strip .js-plotly-plot", timeout=60_000)
             page.wait_for_selector(".shiq-explorer .widget-toggle-button", timeout=60_000)
             n_figures = sum(c["plotly"] for c in state["cells"])
+            # every figure is drawn interactively by JupyterLab's plotly extension at once (no static image first)
+            page.wait_for_function(f"() => document.querySelectorAll('.jp-Notebook .js-plotly-plot').length >= {n_figures + 1}",
+                                   timeout=60_000)
             rendered = page.evaluate("() => document.querySelectorAll('.jp-RenderedPlotly').length")
-            # every figure is handled by JupyterLab's plotly extension (the notebook's and the explorer's)
             assert n_figures >= 5 and rendered >= n_figures + 1, f"{n_figures} figures in outputs, {rendered} rendered"
-            # figures carrying a PNG copy show it first and turn interactive on hover (the extension's design)
-            drawn = page.evaluate("() => document.querySelectorAll('.js-plotly-plot').length")
-            first = page.locator(".jp-Notebook .jp-RenderedPlotly").first
-            first.scroll_into_view_if_needed()
-            first.hover()
-            page.wait_for_function(f"() => document.querySelectorAll('.js-plotly-plot').length > {drawn}", timeout=30_000)
+            assert page.locator(".jp-Notebook .shiq-static-strip").count() == 1  # the explorer's static snapshot
             before = page.evaluate(_STRIP)
             assert before["name"].endswith(": advantage")
 
@@ -190,6 +351,44 @@ def test_notebook_02_runs_in_jupyterlab_and_the_explorer_reacts(lab, tmp_path) -
             assert json.dumps(after["z"]) != json.dumps(before["z"]), "the strip's values did not change"
             page.locator(".shiq-explorer .shiq-strip").scroll_into_view_if_needed()
             page.screenshot(path=str(ARTIFACTS / "02_token_values_explorer.png"))
+            _check_notebook_complete(page, NOTEBOOK.stem, n_figures)
         finally:
             context.close()
 
+
+def test_library_figures_are_complete_at_every_width_and_cut_ones_are_caught(lab, tmp_path) -> None:
+    chromium, playwright = _browser(tmp_path)
+    url, token = lab
+    with playwright.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": WIDTHS[0], "height": 1000})
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            _open(page, url, token, GALLERY, WIDTHS[0])
+            state = _run_all(page, GALLERY, timeout_s=120)
+            n_figures = sum(c["plotly"] for c in state["cells"])
+            assert n_figures == 9, n_figures
+            _check_notebook_complete(page, Path(GALLERY).stem, n_figures, canaries=CANARIES)
+        finally:
+            context.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["01_bellman_derivation", "03_synthetic_benchmark", "04_finetune"])
+def test_every_notebook_is_complete_in_jupyterlab(lab, tmp_path, name) -> None:
+    chromium, playwright = _browser(tmp_path)
+    url, token = lab
+    with playwright.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
+            viewport={"width": WIDTHS[0], "height": 1000})
+        try:
+            page = context.pages[0] if context.pages else context.new_page()
+            _open(page, url, token, f"{name}.ipynb", WIDTHS[0])
+            state = _run_all(page, name, timeout_s=900)
+            n_figures = sum(c["plotly"] for c in state["cells"])
+            assert n_figures >= 3
+            _check_notebook_complete(page, name, n_figures)
+        finally:
+            context.close()

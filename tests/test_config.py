@@ -57,9 +57,9 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
     with pytest.raises(ConfigError, match=r"broken.yaml:3:\d+: YAML syntax error"):
         read_yaml(cfg)
     cfg.write_text("- 1\n- 2\n")
-    with pytest.raises(ConfigError, match="broken.yaml: must be a YAML mapping of field: value, not a list"):
+    with pytest.raises(ConfigError, match=r"broken\.yaml: must be a YAML mapping of field: value, not a list"):
         read_yaml(cfg)
-    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml does not exist"):
         read_yaml(tmp_path / "nowhere.yaml")
     cfg.write_text("n_promts: 3\n")
     with pytest.raises(ConfigError, match=r"unknown field\(s\) 'n_promts' \(did you mean 'n_prompts'\?\)"):

@@ -133,7 +133,7 @@ def test_bad_rows_raise_errors_naming_row_field_and_fix(tok, row, field, fix):
 def test_missing_pad_token_and_bad_columns_are_clear_errors(tok):
     no_pad = load_tokenizer("tiny")
     no_pad.pad_token = None
-    with pytest.raises(DataValidationError, match="no pad token.*tokenizer.pad_token = tokenizer.eos_token"):
+    with pytest.raises(DataValidationError, match=r"no pad token.*tokenizer\.pad_token = tokenizer\.eos_token"):
         tokenize_dataset([{"prompt": "a", "completion": " b", "reward": 1}], no_pad)
     with pytest.raises(DataValidationError, match="pad_token_id is None"):
         ShiQCollator(None)
@@ -236,5 +236,63 @@ def test_split_by_prompt_keeps_each_prompts_responses_on_one_side():
     n_prompts = len(set(ds["prompt"]))
     assert len(set(held["prompt"])) == round(0.25 * n_prompts)
     assert split_by_prompt(ds, 0.25, seed=0)[1]["completion"] == held["completion"]  # deterministic
-    with pytest.raises(ValueError, match="fraction=1.5"):
+    with pytest.raises(ValueError, match=r"fraction=1\.5"):
         split_by_prompt(ds, 1.5)
+
+
+def test_pad_right_left_multiple_and_dtype():
+    from shiq_lab.data.batch import pad, pad_with_mask
+
+    rows = [[5, 6, 7], [8], []]
+    assert pad(rows, 0).tolist() == [[5, 6, 7], [8, 0, 0], [0, 0, 0]]
+    assert pad(rows, -1, "left").tolist() == [[5, 6, 7], [-1, -1, 8], [-1, -1, -1]]
+    assert pad(rows, 0, pad_to_multiple_of=4).shape == (3, 4)
+    floats = pad([torch.tensor([0.5, 1.5]), torch.tensor([2.5])], 0)
+    assert floats.dtype == torch.float32 and floats.tolist() == [[0.5, 1.5], [2.5, 0.0]]
+    assert pad([[1, 2], [3]], 0, dtype=torch.float32).dtype == torch.float32
+    ids, mask = pad_with_mask([[5, 6, 7], [8]], pad_id=9, padding_side="left")
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError, match="padding_side"):
+        pad(rows, 0, "middle")
+
+
+def test_one_pad_id_fallback_pad_then_eos_then_an_error_naming_the_fix():
+    from types import SimpleNamespace
+
+    from shiq_lab.data.batch import pad_token_id
+
+    assert pad_token_id(SimpleNamespace(pad_token_id=3, eos_token_id=7)) == 3
+    assert pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=7)) == 7
+    with pytest.raises(DataValidationError, match=r"tokenizer\.pad_token"):
+        pad_token_id(SimpleNamespace(pad_token_id=None, eos_token_id=None))
+
+
+def test_batch_of_encoded_responses_is_the_input_aligned_rows_shifted_by_one(tok):
+    from shiq_lab.data.batch import batch_responses
+    from shiq_lab.data.encode import encode_responses
+
+    enc = encode_responses(tok, [[{"role": "user", "content": "hi"}], "the movie"],
+                           [[{"role": "assistant", "content": "good.", "reward": 2.0}], " was bad"])
+    batch = batch_responses(enc, pad_id=tok.pad_token_id)
+    for b, e in enumerate(enc):
+        n = len(e.input_ids)
+        assert batch.input_ids[b, :n].tolist() == e.input_ids and batch.attention_mask[b].sum() == n
+        # column t of the [B, T-1] layout is action t+1: the response's rows sit in columns start-1 .. n-2
+        assert batch.mask[b, e.start - 1: n - 1].tolist() == [int(p) for p in e.policy]
+        assert batch.rows[b].sum() == e.n_rows and batch.rewards[b, e.start - 1: n - 1].tolist() == e.rewards
+        assert (batch.actions[b] == batch.input_ids[b, 1:]).all()
+    assert batch.rewards.sum() == 2.0
+
+
+def test_old_encoding_module_path_is_the_merged_encoder():
+    import importlib
+    import sys
+
+    import shiq_lab.data.encode as encode
+
+    sys.modules.pop("shiq_lab.encoding", None)
+    with pytest.warns(DeprecationWarning, match="shiq_lab.data.encode"):
+        old = importlib.import_module("shiq_lab.encoding")
+    assert old is encode
+    for name in ("encode_responses", "EncodedResponse", "PaddedBatch", "pad_batch", "Prompt", "Response", "Message"):
+        assert hasattr(old, name), name

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,18 +10,17 @@ import pytest
 import torch
 from helpers.fake_lm import FakeLM, constant_table
 
-from shiq_lab.evaluation.frontier import CheckpointSpec, find_checkpoints, pareto_mask, plot_frontier, save_frontier
+from shiq_lab.evaluation.frontier import (
+    CheckpointSpec,
+    find_checkpoints,
+    frontier_summary,
+    pareto_mask,
+    plot_frontier,
+    save_frontier,
+)
 from shiq_lab.evaluation.generations import FRONTIER_COLUMNS, evaluate_policy, sequence_stats
 from shiq_lab.evaluation.sampling import sample_completions
 from shiq_lab.infra.models import load_model, load_tokenizer
-from shiq_lab.infra.runtime import cpu_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
-    with cpu_threads(1):
-        yield
 
 
 def _word_count(prompts, completions):
@@ -136,16 +136,23 @@ def test_save_and_plot_frontier(tmp_path):
     assert paths["html"].exists() and (tmp_path / "f" / "plotly.min.js").exists()
     fig = plot_frontier(frame)
     names = [t.name for t in fig.data]
-    assert names == ["dpo β=0.5", "shiq β=0.1", "reference"]
+    assert names == ["dpo β=0.5", "shiq β=0.1", "reference"]  # ShiQ drawn after (on top of) the other losses
     shiq = fig.data[1]
     # each run's line starts at the reference point and follows its checkpoints in step order
     assert list(shiq.x) == [0.0, 1.1, 2.1] and list(shiq.y) == [0.5, 0.6, 0.7]
+    assert list(shiq.text) == ["", "", "β=0.1, step 20"]  # the run's last point carries its beta and step
+    assert list(shiq.customdata) == ["reference", "step 10", "step 20"]  # every point's hover its step
+    assert shiq.line.color == shiq.marker.color == "#d62728" and shiq.zorder > fig.data[0].zorder
+    assert fig.layout.legend.orientation == "h" and fig.layout.autosize and fig.layout.width is None
+    table = frontier_summary(frame)
+    assert list(table["run"]) == ["reference", "shiq β=0.1", "shiq β=0.1", "dpo β=0.5"]
+    assert table["reward"][1] == "0.600 ± 0.010" and len(table.columns) == 6
     with pytest.raises(ValueError, match="kl="):
         plot_frontier(frame, kl="kl")
 
 
 def test_find_checkpoints_reads_run_json_and_steps(tmp_path, tiny):
-    model, tok = tiny
+    model, _tok = tiny
     run = tmp_path / "shiq-beta0.1"
     for sub in ("checkpoint-10", "final"):
         model.save_pretrained(run / sub)
@@ -154,6 +161,16 @@ def test_find_checkpoints_reads_run_json_and_steps(tmp_path, tiny):
     specs = find_checkpoints(tmp_path)
     assert [(s.loss_type, s.beta, s.step) for s in specs] == [("shiq", 0.1, 10), ("shiq", 0.1, -1)]
     assert isinstance(specs[0], CheckpointSpec) and specs[0].label == "shiq beta=0.1 step=10"
+    # `shiq-lab train` saves its final model next to checkpoint-N of the same step: listed once
+    cli_run = tmp_path / "cli"
+    for sub in ("checkpoint-2", "checkpoint-4", "."):
+        model.save_pretrained(cli_run / sub)
+    (cli_run / "log_history.json").write_text(json.dumps([{"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5}]))
+    for n in (2, 4):
+        (cli_run / f"checkpoint-{n}" / "trainer_state.json").write_text(json.dumps({"global_step": n}))
+    assert [(Path(s.path).name, s.step) for s in find_checkpoints(cli_run)] == [("checkpoint-2", 2), ("checkpoint-4", 4)]
+    (cli_run / "checkpoint-4" / "config.json").unlink()  # only checkpoint-2 kept: the final model is step 4
+    assert [(Path(s.path).name, s.step) for s in find_checkpoints(cli_run)] == [("checkpoint-2", 2), ("cli", 4)]
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no model folder"):
         find_checkpoints(tmp_path / "empty")

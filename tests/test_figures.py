@@ -1,6 +1,5 @@
 """Figures show the frame's numbers where they belong: cells, lines, bars, colour scale, offline renderers."""
 
-import base64
 
 import numpy as np
 import plotly.io as pio
@@ -9,10 +8,13 @@ from helpers.tiny_pair import tiny_policy_and_reference
 
 from shiq_lab.data.rewards import word_reward
 from shiq_lab.views.figures import (
+    NON_NEGATIVE,
     QUANTITIES,
     chromium_path,
+    colour_of,
     configure_plotly,
     display_token,
+    token_html,
     token_strip,
     topk_bars,
     value_lines,
@@ -65,8 +67,15 @@ def test_token_strip_cells_hold_the_quantity_of_their_token(frame, quantity) -> 
     assert np.isfinite(z_env).sum() == (~frame[frame.response == 1].is_policy).sum()
     policy_values = frame.loc[frame.is_policy, quantity].abs()
     zmax = policy_values.max() if policy_values.max() > 0 else 1.0
-    assert fig.layout.coloraxis.cmin == pytest.approx(-zmax) and fig.layout.coloraxis.cmax == pytest.approx(zmax)
-    assert fig.layout.coloraxis.cmid == 0
+    if quantity in NON_NEGATIVE:  # KL and probabilities: a sequential scale from 0 (probabilities to 1)
+        assert (frame.loc[frame.is_policy, quantity] >= -1e-12).all()
+        assert fig.layout.coloraxis.cmin == 0 and fig.layout.coloraxis.cmid is None
+        assert fig.layout.coloraxis.cmax == pytest.approx(1.0 if quantity == "prob" else zmax)
+        assert fig.layout.coloraxis.colorscale[0][1] == "rgb(247,251,255)"  # Blues starts white
+    else:
+        assert fig.layout.coloraxis.cmin == pytest.approx(-zmax) and fig.layout.coloraxis.cmax == pytest.approx(zmax)
+        assert fig.layout.coloraxis.cmid == 0
+    assert fig.layout.autosize and fig.layout.width is None  # follows its output area
 
 
 def test_each_turn_starts_a_line_and_hover_shows_every_quantity(frame) -> None:
@@ -116,7 +125,7 @@ def test_topk_bars_show_alternatives_and_the_taken_token(frame) -> None:
 def test_offline_renderers_reference_no_cdn(plotly_defaults) -> None:
     from shiq_lab.views.figures import _html_renderer
 
-    assert configure_plotly(png=False) == "plotly_mimetype"  # outside a kernel: no HTML copy to inline into
+    assert configure_plotly(static=False) == "plotly_mimetype"  # outside a kernel: no HTML copy to inline into
     html = _html_renderer().to_mimebundle(token_strip_stub().to_dict())["text/html"]
     assert "Plotly.newPlot" in html and "<script src=" not in html and "cdn" not in html.lower()
 
@@ -127,9 +136,23 @@ def token_strip_stub():  # a small figure: the renderers, not the content, are u
     return go.Figure(go.Bar(y=[1, 2]))
 
 
-@pytest.mark.skipif(chromium_path() is None, reason="no chromium installed (make browser-deps): PNG copies need one")
-def test_png_copies_of_figures_with_kaleido(plotly_defaults) -> None:
-    assert configure_plotly() == "plotly_mimetype+shiq_png"
+@pytest.mark.skipif(chromium_path() is None, reason="no chromium installed (make browser-deps): static copies need one")
+def test_static_copies_are_scalable_svg_never_a_fixed_png(plotly_defaults) -> None:
+    # JupyterLab's plotly extension shows a bundled PNG first, at its own size: legends got cropped
+    assert configure_plotly() == "plotly_mimetype+shiq_svg"
     bundle = pio.renderers._build_mime_bundle(token_strip_stub().to_dict(), renderers_string=None)
-    png = base64.b64decode(bundle["image/png"])
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
+    assert "image/png" not in bundle and "application/vnd.plotly.v1+json" in bundle
+    svg = bundle["image/svg+xml"]
+    assert svg.startswith("<svg") and 'viewBox="0 0 900 ' in svg  # scales down with its container
+
+
+def test_token_html_colours_each_token_like_the_strip(frame) -> None:
+    html = token_html(frame, "kl", responses=[1], titles=["multi-turn"])
+    rows = frame[frame.response == 1]
+    assert html.count("<span title=") == len(rows)
+    kl = rows.kl[rows.is_policy].to_numpy(float)
+    top = np.abs(kl).max()
+    for value in kl:  # sequential scale from 0 to the largest KL shown
+        assert f"background:{colour_of(value, 0.0, top, 'Blues')}" in html
+    assert html.count("title='environment token'") == (~rows.is_policy).sum()
+    assert colour_of(0.0, 0.0, top, "Blues") != colour_of(float("nan"), 0.0, 1.0, "Blues")  # zero is not grey

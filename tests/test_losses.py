@@ -24,6 +24,7 @@ from shiq_lab.exact.tree import (
     uniform_log_probs,
 )
 from shiq_lab.losses import (
+    LossOutput,
     copg_loss,
     dpo_loss,
     dro_loss,
@@ -462,7 +463,7 @@ def test_token_logprobs_rejects_bad_inputs() -> None:
         token_logprobs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="actions shape"):
         token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 4, dtype=torch.long))
-    with pytest.raises(TypeError, match="torch.long"):
+    with pytest.raises(TypeError, match=r"torch\.long"):
         token_logprobs(torch.zeros(2, 3, 4), torch.zeros(2, 3))
 
 
@@ -528,3 +529,120 @@ def test_ablation_and_baseline_losses_reject_bad_inputs() -> None:
     for pairs, message in copg_bad:
         with pytest.raises(ValueError, match=message):
             copg_loss(a["logp"], a["ref_logp"], a["rewards"], a["mask"], beta=1.0, pairs=pairs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the registry, declared metric reductions, pairing, soft-label DPO, trusted inputs
+# ---------------------------------------------------------------------------------------------
+
+
+def _seq_batch():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1], [1, 0, 0]])
+    logp = torch.tensor([[-1.0, -0.5, 9.0], [-0.2, -0.3, -0.4], [9.0, -1.5, -0.1], [-2.0, 9.0, 9.0]], dtype=torch.float64)
+    ref_logp = torch.full_like(logp, -0.5)
+    rewards = torch.zeros_like(logp)
+    rewards[0, 1], rewards[1, 2], rewards[2, 2], rewards[3, 0] = 1.0, -1.0, 0.5, 2.0
+    return logp, ref_logp, rewards, mask
+
+
+def test_registry_knows_levels_and_pairing() -> None:
+    from shiq_lab.losses import LOSS_TYPES, LOSSES, is_pairwise
+
+    assert LOSS_TYPES == ("shiq", "dpo", "dro", "copg")  # what ShiQConfig.loss_type accepts, in this order
+    assert [n for n in LOSSES if is_pairwise(n)] == ["dpo", "dpo_bt", "copg"]
+    assert [n for n, s in LOSSES.items() if s.level == "sequence"] == ["dpo", "dpo_bt", "dro", "copg"]
+    assert LOSSES["copg"].pairing == "all" and LOSSES["dpo"].pairing == "preference" and LOSSES["dpo_bt"].pairing == "cycle"
+    with pytest.raises(ValueError, match="choose one of"):
+        is_pairwise("ppo")
+
+
+def test_every_loss_declares_the_unit_of_each_metric() -> None:
+    logp, ref_logp, rewards, mask = _seq_batch()
+    pairs = torch.tensor([[0, 1], [2, 3]])
+    outs = {
+        "shiq": shiq_loss(logp, logp, ref_logp, ref_logp, rewards, mask, beta=0.5),
+        "shiq_seq": shiq_loss(logp, logp, ref_logp, ref_logp, rewards, mask, beta=0.5, reduction="sequence"),
+        "dpo": dpo_loss(logp, ref_logp, mask, beta=0.5, chosen=pairs[:, 0], rejected=pairs[:, 1]),
+        "dro": dro_loss(logp, ref_logp, rewards, mask, torch.zeros(4, dtype=torch.float64), beta=0.5),
+        "copg": copg_loss(logp, ref_logp, rewards, mask, beta=0.5, pairs=pairs),
+    }
+    for name, out in outs.items():
+        assert set(out.metric_reduction) == set(out.metrics), name
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in out.metrics.values())
+    assert outs["shiq"].metric_reduction["residual_abs_mean"] == "token"
+    assert outs["shiq"].metric_reduction["loss"] == "token" and outs["shiq_seq"].metric_reduction["loss"] == "sequence"
+    assert outs["shiq"].metric_reduction["first_residual_abs_mean"] == "sequence"
+    assert outs["dpo"].metric_reduction == {"loss": "pair", "margin_mean": "pair", "accuracy": "pair",
+                                            "logratio_seq_mean": "sequence"}
+    assert outs["copg"].metric_reduction["pair_residual_abs_mean"] == "pair"
+    assert set(outs["dro"].metric_reduction.values()) == {"sequence"}
+    floats = outs["dpo"].floats()
+    assert floats["loss"] == pytest.approx(float(outs["dpo"].loss)) and isinstance(floats["accuracy"], float)
+    with pytest.raises(ValueError, match="metric_reduction"):
+        LossOutput(torch.zeros(()), torch.zeros(1, 1), {"x": torch.zeros(())})
+
+
+def test_soft_dpo_loss_hand_computed_with_real_residuals() -> None:
+    from shiq_lab.losses import soft_dpo_loss
+
+    logp, ref_logp, _, mask = _seq_batch()
+    beta = 0.5
+    returns = torch.tensor([1.0, -1.0, 0.5, 2.0], dtype=torch.float64)
+    pairs = torch.tensor([[0, 1], [3, 2]])
+    out = soft_dpo_loss(logp, ref_logp, mask, returns, pairs, beta=beta)
+    lr = [-1.0 + 0.5 - 0.5 + 0.5, -0.2 - 0.3 - 0.4 + 1.5, -1.5 - 0.1 + 1.0, -2.0 + 0.5]  # sum of logp - ref_logp
+    want = 0.0
+    for (i, j) in [(0, 1), (3, 2)]:
+        m = beta * (lr[i] - lr[j])
+        p = 1 / (1 + math.exp(-(float(returns[i]) - float(returns[j]))))
+        want += -(p * math.log(1 / (1 + math.exp(-m))) + (1 - p) * math.log(1 / (1 + math.exp(m))))
+    assert out.loss.item() == pytest.approx(want / 2, rel=1e-12)
+    # each sequence's implied reward beta*logratio on its last response token (DPO's convention), 0 elsewhere
+    last = [1, 2, 2, 0]
+    for b in range(4):
+        assert out.residuals[b, last[b]].item() == pytest.approx(beta * lr[b], rel=1e-12)
+        assert out.residuals[b].count_nonzero().item() == 1
+    at_ref = soft_dpo_loss(ref_logp, ref_logp, mask, returns, pairs, beta=beta)
+    assert at_ref.residuals.abs().max().item() == 0.0  # calibrated at theta = ref
+
+
+def test_response_pairs_rules() -> None:
+    from shiq_lab.losses import response_pairs
+
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])
+    returns = torch.tensor([1.0, 2.0, 0.0, 0.0, 3.0, 5.0])
+    assert response_pairs(groups, rule="all").tolist() == [[0, 1], [2, 3], [2, 4], [3, 4]]
+    assert response_pairs(groups, rule="preference", returns=returns).tolist() == [[1, 0], [4, 2], [4, 3]]
+    cycle = response_pairs(groups, rule="cycle", seed=0)
+    assert len(cycle) == 1 + 3  # 2 rows: one pair; 3 rows: a cycle of 3; 1 row: none
+    assert sorted(cycle[0].tolist()) == [0, 1]
+    nodes = sorted(set(cycle[1:].flatten().tolist()))
+    assert nodes == [2, 3, 4] and all(sorted(p) != [a, a] for a in nodes for p in cycle[1:].tolist())
+    assert torch.equal(cycle, response_pairs(groups, rule="cycle", seed=0))  # seeded
+    assert response_pairs(torch.tensor([0, 1]), rule="all").shape == (0, 2)
+    with pytest.raises(ValueError, match="returns="):
+        response_pairs(groups, rule="preference")
+    with pytest.raises(ValueError, match="pair rule"):
+        response_pairs(groups, rule="random")  # type: ignore[arg-type]
+    # the data layer's and the synthetic benchmark's pairing are this function
+    from shiq_lab.data.batch import make_pairs
+    from shiq_lab.tasks.synthetic.sequence_baselines import prompt_pairs
+
+    assert torch.equal(make_pairs(groups, returns, "all"), response_pairs(groups, rule="all"))
+    assert torch.equal(prompt_pairs(groups, seed=3), response_pairs(groups, rule="cycle", seed=3))
+
+
+def test_trusted_inputs_skip_only_the_value_checks() -> None:
+    from shiq_lab.losses import checks_values, trusted_inputs
+
+    logp, ref_logp, rewards, mask = _seq_batch()
+    bad = mask.clone()
+    bad[3] = 0  # an empty row: refused when checked
+    with pytest.raises(ValueError, match="no response token"):
+        shiq_loss(logp, logp, ref_logp, ref_logp, rewards, bad, beta=0.5)
+    with trusted_inputs():
+        assert not checks_values()
+        shiq_loss(logp, logp, ref_logp, ref_logp, rewards, bad, beta=0.5)  # the caller's promise: not re-checked
+        with pytest.raises(ValueError, match="all per-token inputs"):  # shapes are free to check: still checked
+            shiq_loss(logp, logp, ref_logp, ref_logp, rewards[:, :2], mask, beta=0.5)
+    assert checks_values()

@@ -30,7 +30,8 @@ def test_tiny_model_round_trips_through_from_pretrained(tmp_path, monkeypatch) -
 
 
 def test_unknown_hub_id_fails_fast_offline() -> None:
-    with pytest.raises(OSError):
+    with pytest.raises(models.ModelNotFoundError, match=r"'nobody/no-such-model-anywhere' could not be loaded as a hub "
+                       r"id \(HF_HUB_OFFLINE"):
         models.load_model("nobody/no-such-model-anywhere")
 
 

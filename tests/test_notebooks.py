@@ -42,5 +42,13 @@ def test_notebook_executes(path, tmp_path, monkeypatch) -> None:
     executed = nbformat.read(run.output, as_version=4)
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+    # figures follow their output area: no fixed width, and no PNG, which JupyterLab would show first at its own size
+    for i, cell in enumerate(executed.cells):
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            data = out.get("data", {})
+            if "application/vnd.plotly.v1+json" in data:
+                layout = data["application/vnd.plotly.v1+json"].get("layout", {})
+                assert "image/png" not in data, f"{path.name} cell {i}: a figure carries a PNG copy"
+                assert not layout.get("width"), f"{path.name} cell {i}: a figure has a fixed width {layout.get('width')}"
 
 

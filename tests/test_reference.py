@@ -24,7 +24,6 @@ from shiq_lab.reference.cache import (
 
 @pytest.fixture(scope="module")
 def tiny():
-    torch.set_num_threads(1)
     return load_model("tiny")
 
 
@@ -116,7 +115,7 @@ def test_explicit_stats_must_match_dataset_and_model(tiny, data, tmp_path):
     ok = precompute_reference(model, data, stats_path=entry)
     assert ok["ref_logp"] == precompute_reference(model, data, use_cache=False)["ref_logp"]
     other = tokenize_dataset(synthetic_dataset(6, seed=5), tok, max_length=48)
-    with pytest.raises(StaleReferenceCacheError, match="another dataset or tokenisation.*shiq-lab precompute-ref"):
+    with pytest.raises(StaleReferenceCacheError, match=r"another dataset or tokenisation.*shiq-lab precompute-ref"):
         precompute_reference(model, other, stats_path=entry)
     perturbed = copy.deepcopy(model)
     with torch.no_grad():
@@ -192,3 +191,25 @@ def test_the_output_layer_never_sees_more_than_one_position_per_row(tiny, data):
         handle.remove()
         model.zero_grad()
     assert shapes == [(len(data), 1, model.config.vocab_size)]
+
+
+def test_token_stats_keep_the_bits_the_cache_was_written_with(tiny, data):
+    """STATS_VERSION 1 entries stay hits only if token_stats still gives their bits (else bump the version).
+
+    Version 1 ran the kernel on the response states compacted by a boolean mask, in row-major order,
+    with the positions the host now passes (``action_positions``) giving the same rows in the same order.
+    """
+    from shiq_lab.lm.kernel import chunked_token_logprobs
+    from shiq_lab.lm.stats import action_positions, forward_hidden
+
+    model, tok = tiny
+    b = batch_of(data, tok)
+    ids, am, mask = b["input_ids"], b["attention_mask"], b["action_mask"]
+    with torch.no_grad():
+        hidden, _ = forward_hidden(model, ids, am)
+        m = mask[:, 1:].bool()
+        w = model.get_output_embeddings().weight
+        v1_logp, v1_logz = chunked_token_logprobs(hidden[:, :-1][m], w, ids[:, 1:][m], chunk_size=5)
+        for positions in (None, action_positions(mask)):
+            logp, logz = token_stats(model, ids, am, mask, chunk_size=5, positions=positions)
+            assert torch.equal(logp[:, 1:][m], v1_logp) and torch.equal(logz[:, 1:][m], v1_logz)

@@ -4,27 +4,13 @@ import pytest
 import torch
 from helpers.fake_lm import NEVER, FakeLM, constant_table
 
-from shiq_lab.evaluation.sampling import build_offline_dataset, left_pad, sample_completions, score_samples
+from shiq_lab.evaluation.sampling import build_offline_dataset, sample_completions, score_samples
 from shiq_lab.infra.models import load_model, load_tokenizer
-from shiq_lab.infra.runtime import cpu_threads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models run fastest on one thread (shiq_lab.infra.runtime); restored after the module."""
-    with cpu_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer("tiny")
-
-
-def test_left_pad_right_aligns_rows():
-    ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_samples_follow_the_model_distribution(tok):

@@ -8,7 +8,8 @@ import pytest
 import torch
 from helpers.tiny_pair import tiny_policy_and_reference
 
-from shiq_lab.data.inspect import encode_responses, pad_batch
+from shiq_lab.data.batch import batch_responses
+from shiq_lab.data.encode import encode_responses
 from shiq_lab.data.rewards import word_reward
 from shiq_lab.losses import shiq_loss, token_logprobs
 from shiq_lab.views.token_values import ReferenceStats, reference_stats, token_values, with_beta
@@ -84,7 +85,7 @@ def test_residuals_equal_shiq_loss_on_the_batch_layout(tiny, horizon) -> None:
     df = token_values(policy, tok, prompts, responses, reference=ref, beta=BETA, rewards=reward, horizon=horizon)
     # independent: shiq_loss on the [B, T-1] layout of the whole padded batch, logits of full forwards
     enc = encode_responses(tok, prompts, responses)
-    batch = pad_batch(enc, tok.pad_token_id)
+    batch = batch_responses(enc, tok.pad_token_id)
     with torch.no_grad():
         lt = policy(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         lr = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
@@ -255,7 +256,7 @@ def test_llama_keeps_hidden_states_not_logits(tiny) -> None:
     from shiq_lab.views.token_values import _LogitSource
 
     policy, _, tok = tiny
-    batch = pad_batch(encode_responses(tok, PROMPT, RESPONSES), tok.pad_token_id)
+    batch = batch_responses(encode_responses(tok, PROMPT, RESPONSES), tok.pad_token_id)
     rb, rt = torch.nonzero(batch.rows, as_tuple=True)
     source = _LogitSource(policy)
     states = source.states(batch.input_ids, batch.attention_mask, rb, rt)

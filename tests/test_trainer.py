@@ -25,9 +25,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def config(tmp_path, **kw):
@@ -251,3 +248,54 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     assert any(getattr(m, "gradient_checkpointing", False) for m in ckpt.model.modules())
     assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.model.modules())
     assert losses(ckpt) == pytest.approx(losses(plain), rel=1e-5)
+
+
+def test_logged_metrics_are_weighted_by_their_declared_unit_across_micro_batches(tmp_path):
+    """At theta = ref every full-path residual of row i is -R_i: a token mean weights rows by their lengths,
+    a sequence mean does not. Two micro-batches of different lengths must give the global batch's means."""
+    rows = ROWS[:4]
+    tr = trainer_for(tmp_path, rows, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1)
+    tr.train()
+    (log,) = [h for h in tr.state.log_history if "loss" in h]
+    R, n = returns_and_lengths(tr)
+    assert len(set(n)) > 1  # rows of different lengths: the two weightings differ
+    assert log["residual_abs_mean"] == pytest.approx(sum(ni * abs(ri) for ni, ri in zip(n, R)) / sum(n), rel=1e-6)
+    assert log["first_residual_abs_mean"] == pytest.approx(sum(abs(ri) for ri in R) / len(R), rel=1e-6)
+    assert log["reward_seq_mean"] == pytest.approx(sum(R) / len(R), rel=1e-6)
+
+
+def test_evaluate_uses_its_metric_key_prefix(tmp_path):
+    tr = trainer_for(tmp_path, per_device_eval_batch_size=4)
+    out = tr.evaluate(eval_dataset=tr.prepare_dataset(list(ROWS[:4]), tr.model, tr.args, tr.processing_class,
+                                                      split="eval"), metric_key_prefix="held")
+    assert {"held_loss", "held_kl", "held_residual_abs_mean"} <= set(out)
+    assert out["held_kl"] == 0.0 and not any(k.startswith("eval_") for k in out)
+
+
+def test_dro_value_head_goes_through_public_hooks_only(tmp_path):
+    assert "_save" not in ShiQTrainer.__dict__ and "_load_from_checkpoint" not in ShiQTrainer.__dict__
+    kw = dict(loss_type="dro", per_device_train_batch_size=4, max_steps=2, save_strategy="steps", save_steps=1,
+              learning_rate=3e-3, value_head_learning_rate=0.05)
+    tr = trainer_for(tmp_path, **kw)
+    tr.train()
+    ckpt = tmp_path / "out" / "checkpoint-1"
+    assert (ckpt / VALUE_HEAD_FILE).is_file()
+    assert not any("shiq_value_head" in k for k in load_file(str(ckpt / "model.safetensors")))
+    resumed = trainer_for(tmp_path / "again", **kw)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    head = load_file(str(tmp_path / "out" / "checkpoint-2" / VALUE_HEAD_FILE))
+    got = resumed.model.shiq_value_head.state_dict()
+    assert all(torch.allclose(got[k], v, atol=1e-6) for k, v in head.items())
+
+
+def test_training_rows_are_validated_once_with_the_row_named(tmp_path):
+    from datasets import Dataset
+
+    m, tok = load_model("tiny")
+    good = {"input_ids": [5, 6, 7, 8], "action_mask": [0, 0, 1, 1], "token_rewards": [0.0, 0.0, 0.0, 1.0]}
+    bad_id = dict(good, input_ids=[5, 6, 7, len(tok) + 1000])
+    with pytest.raises(ValueError, match=r"train dataset, row 1, position 3: a token id is not in \[0, 512\)"):
+        ShiQTrainer(model=m, args=config(tmp_path), train_dataset=Dataset.from_list([good, bad_id]), processing_class=tok)
+    bad_reward = dict(good, token_rewards=[0.0, 0.0, float("nan"), 1.0])
+    with pytest.raises(ValueError, match=r"row 0, position 2: token_rewards are not finite"):
+        ShiQTrainer(model=m, args=config(tmp_path), train_dataset=Dataset.from_list([bad_reward]), processing_class=tok)

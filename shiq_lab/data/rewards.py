@@ -16,7 +16,7 @@ import numpy as np
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from shiq_lab.data.encode import _require_tokenized
+from shiq_lab.data.formats import _require_tokenized
 
 __all__ = ["TokenRewardFn", "token_end_offsets", "word_reward"]
 
@@ -29,9 +29,10 @@ def token_end_offsets(tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[in
     Decoding prefixes (not single tokens) keeps multi-byte characters split across byte-level
     tokens whole; a token that only starts a character ends where the previous one did.
     """
-    ends, text = [], ""
+    ends: list[int] = []
+    text = ""
     for i in range(len(token_ids)):
-        text = tokenizer.decode(list(token_ids[: i + 1]), skip_special_tokens=False)
+        text = str(tokenizer.decode(list(token_ids[: i + 1]), skip_special_tokens=False))
         ends.append(len(text.rstrip("\ufffd")))
     return text, ends
 

@@ -40,8 +40,8 @@ def synthetic_dataset(n: int = 32, *, seed: int = 0, kind: str = "standard", res
     def prompt() -> str:
         return "the movie " + " ".join(rng.choice(_NEUTRAL, size=int(rng.integers(1, 4))))
 
+    rows: list[dict[str, Any]] = []
     if kind in ("standard", "token"):
-        rows = []
         while len(rows) < n:
             p = prompt()
             for _ in range(responses_per_prompt):
@@ -53,7 +53,6 @@ def synthetic_dataset(n: int = 32, *, seed: int = 0, kind: str = "standard", res
                 r["group"] = k // responses_per_prompt
         return Dataset.from_list(rows)
     if kind == "preference":
-        rows = []
         for _ in range(n):
             a, b = " " + words(4), " " + words(4)
             if synthetic_reward(a) < synthetic_reward(b):
@@ -61,7 +60,6 @@ def synthetic_dataset(n: int = 32, *, seed: int = 0, kind: str = "standard", res
             rows.append({"prompt": prompt(), "chosen": a, "rejected": b})
         return Dataset.from_list(rows)
     if kind == "multiturn":
-        rows = []
         for _ in range(n):
             msgs: list[dict[str, Any]] = [{"role": "user", "content": prompt()}]
             for turn in range(int(rng.integers(1, 3))):

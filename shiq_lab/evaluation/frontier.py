@@ -12,8 +12,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from shiq_lab.evaluation.generations import PolicyEval, _device_of, evaluate_policy
+from shiq_lab.evaluation.generations import PolicyEval, evaluate_policy
 from shiq_lab.evaluation.sampling import RewardFn
+from shiq_lab.lm.modes import device_of
 
 #: columns of a frontier frame, in order
 FRONTIER_COLUMNS = ["label", "loss_type", "beta", "step", "reward_mean", "reward_sem", "kl_mean", "kl_sem",
@@ -52,6 +53,10 @@ def _checkpoint_meta(folder: Path) -> dict[str, Any]:
         meta.setdefault("step", int(json.loads(state.read_text()).get("global_step", -1)))
     elif folder.name.startswith("checkpoint-") and folder.name.split("-")[-1].isdigit():
         meta.setdefault("step", int(folder.name.split("-")[-1]))
+    elif (folder / "log_history.json").exists():  # a final model of `shiq-lab train`: its last logged step
+        steps = [row.get("step", -1) for row in json.loads((folder / "log_history.json").read_text())]
+        if steps:
+            meta.setdefault("step", int(max(steps)))
     args_file = folder / "training_args.bin"
     if ("loss_type" not in meta or "beta" not in meta) and args_file.exists():
         try:  # a pickle the user's own Trainer wrote (the format transformers itself reloads on resume)
@@ -78,7 +83,9 @@ def find_checkpoints(run_dir: str | Path) -> list[CheckpointSpec]:
                                     beta=float(meta.get("beta", float("nan"))), step=int(meta.get("step", -1))))
     if not specs:
         raise FileNotFoundError(f"no model folder (config.json + weights) below {root}")
-    return specs
+    # a final model saved at the step of a checkpoint is that checkpoint: list it once, as the checkpoint
+    paths = {Path(s.path) for s in specs}
+    return [s for s in specs if Path(s.path) / f"checkpoint-{s.step}" not in paths]
 
 
 def _reference_row(result: PolicyEval) -> dict[str, Any]:
@@ -109,7 +116,7 @@ def evaluate_checkpoints(
     if include_reference:
         rows.append(_reference_row(evaluate_policy(reference, reference, tokenizer, prompts, reward_fn, **eval_kwargs)))
     for spec in checkpoints:
-        policy, _ = load_model(spec.path, dtype=dtype, device=_device_of(reference))
+        policy, _ = load_model(spec.path, dtype=dtype, device=device_of(reference))
         result = evaluate_policy(policy, reference, tokenizer, prompts, reward_fn, **eval_kwargs)
         rows.append({"label": spec.label, "loss_type": spec.loss_type, "beta": spec.beta, "step": spec.step,
                      "path": spec.path, **result.row()})
@@ -144,16 +151,27 @@ def save_frontier(frame: pd.DataFrame, out_dir: str | Path, *, html: bool = True
     return paths
 
 
-_SYMBOLS = ["circle", "square", "diamond", "triangle-up", "x", "cross", "star-square", "hexagon"]
+_DASHES = ["solid", "dot", "dash", "longdash", "dashdot"]
 
 
 def plot_frontier(frame: pd.DataFrame, *, kl: str = "kl_states_mean", title: str = "Reward-KL frontier"):
     """Mean reward against KL(pi||pi_ref) of each evaluated policy, with standard-error bars.
 
-    One colour per loss type, one marker per beta, lines join the checkpoints of a run in step
-    order (starting from the reference, a star at KL = 0).
+    One colour and marker per loss type (:mod:`shiq_lab.views.style`: ShiQ in its own colour,
+    drawn on top), one line dash per beta; lines join the checkpoints of a run in step order
+    (starting from the reference, a star at KL = 0); the last point of a run is labelled with its
+    beta and step, every point's hover text gives its step. The figure follows its container's width, with the
+    legend below it.
     """
     import plotly.graph_objects as go
+
+    from shiq_lab.views.style import (
+        by_drawing_order,
+        format_beta,
+        method_style,
+        responsive,
+        trace_style,
+    )
 
     if kl not in ("kl_states_mean", "kl_mean"):
         raise ValueError(f"kl={kl!r}: choose 'kl_states_mean' (exact per-state KL) or 'kl_mean' (sampled log-ratio)")
@@ -162,33 +180,51 @@ def plot_frontier(frame: pd.DataFrame, *, kl: str = "kl_states_mean", title: str
     ref = frame[frame["loss_type"] == "reference"]
     runs = frame[frame["loss_type"] != "reference"]
     betas = sorted(b for b in runs["beta"].unique() if not pd.isna(b))
-    colours = {lt: c for lt, c in zip(sorted(runs["loss_type"].unique()), _palette())}
-    for (loss_type, beta), g in runs.groupby(["loss_type", "beta"], dropna=False):
-        g = g.sort_values("step")
-        if len(ref):
-            g = pd.concat([ref.assign(loss_type=loss_type, beta=beta), g])
-        symbol = _SYMBOLS[betas.index(beta) % len(_SYMBOLS)] if beta in betas else "circle"
-        fig.add_trace(go.Scatter(
-            x=g[kl], y=g["reward_mean"], mode="lines+markers", name=f"{loss_type} β={beta:g}",
-            legendgroup=loss_type, line={"color": colours[loss_type], "width": 1},
-            marker={"symbol": symbol, "size": 9, "color": colours[loss_type]},
-            error_x={"type": "data", "array": g[sem], "thickness": 1}, error_y={"type": "data", "array": g["reward_sem"], "thickness": 1},
-            text=[f"step {s}" for s in g["step"]],
-            hovertemplate="%{text}<br>KL %{x:.3f}<br>reward %{y:.3f}<extra>%{fullData.name}</extra>",
-        ))
+    groups = dict(list(runs.groupby(["loss_type", "beta"], dropna=False)))
+    order = by_drawing_order(dict.fromkeys(lt for lt, _ in sorted(groups, key=lambda k: (k[0], k[1]))))
+    for loss_type in order:
+        for (lt, beta), g in sorted(groups.items(), key=lambda kv: kv[0][1]):
+            if lt != loss_type:
+                continue
+            g = g.sort_values("step")
+            last = g["step"].iloc[-1]
+            # the label on the run's last point only (the others crowd near the reference); every point's hover has its step
+            text = [f"β={format_beta(beta)}, step {s}" if s == last else "" for s in g["step"]]
+            hover = [f"step {s}" for s in g["step"]]
+            if len(ref):
+                g = pd.concat([ref.assign(loss_type=loss_type, beta=beta), g])
+                text, hover = [""] + text, ["reference"] + hover
+            style = trace_style(loss_type, mode="lines+markers+text", name=f"{loss_type} β={format_beta(beta)}")
+            style["line"].update(width=2 if loss_type == "shiq" else 1.5,
+                                 dash=_DASHES[betas.index(beta) % len(_DASHES)] if beta in betas else "solid")
+            fig.add_trace(go.Scatter(
+                x=g[kl], y=g["reward_mean"], legendgroup=loss_type, text=text, textposition="top center", cliponaxis=False,
+                textfont={"size": 10, "color": method_style(loss_type).colour},
+                error_x={"type": "data", "array": g[sem], "thickness": 1},
+                error_y={"type": "data", "array": g["reward_sem"], "thickness": 1},
+                customdata=hover, hovertemplate="%{customdata}<br>KL %{x:.3f}<br>reward %{y:.3f}<extra>%{fullData.name}</extra>",
+                **style,
+            ))
     if len(ref):
-        fig.add_trace(go.Scatter(x=ref[kl], y=ref["reward_mean"], mode="markers", name="reference",
-                                 marker={"symbol": "star", "size": 14, "color": "black"},
-                                 error_y={"type": "data", "array": ref["reward_sem"]}))
+        fig.add_trace(go.Scatter(x=ref[kl], y=ref["reward_mean"], error_y={"type": "data", "array": ref["reward_sem"]},
+                                 **trace_style("reference", mode="markers", name="reference")))
     label = "KL(π‖π_ref), exact per state (nats)" if kl == "kl_states_mean" else "KL(π‖π_ref), sampled log-ratio (nats)"
-    fig.update_layout(title=title, xaxis_title=label, yaxis_title="mean reward of fresh generations",
-                      legend_title="run", height=480)
-    return fig
+    fig.update_layout(title=title, xaxis_title=label, yaxis_title="mean reward of fresh generations", height=520)
+    return responsive(fig, legend_title="run (loss, β)")
 
 
-def _palette() -> list[str]:
-    import plotly.express as px
+def frontier_summary(frame: pd.DataFrame, *, digits: int = 3) -> pd.DataFrame:
+    """A frontier frame as a compact table: run, step, reward ± sem, KL ± sem, Pareto flag (if present)."""
+    from shiq_lab.views.style import format_beta
 
-    return list(px.colors.qualitative.D3)
-
-
+    out = pd.DataFrame({
+        "run": [lt if lt == "reference" else f"{lt} β={format_beta(b)}" for lt, b in zip(frame["loss_type"], frame["beta"])],
+        "step": frame["step"].astype(int),
+        "reward": [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(frame["reward_mean"], frame["reward_sem"])],
+        "KL per state": [f"{m:.{digits}f} ± {s:.{digits}f}" for m, s in zip(frame["kl_states_mean"], frame["kl_states_sem"])],
+        "KL log-ratio": [f"{m:.{digits}f}" for m in frame["kl_mean"]],
+        "length": frame["length_mean"].round(1),
+    })
+    if "pareto" in frame:
+        out["Pareto"] = frame["pareto"].map({True: "✓", False: ""})
+    return out.reset_index(drop=True)

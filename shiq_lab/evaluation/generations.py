@@ -19,9 +19,8 @@ Over a sweep of beta and checkpoints, the points (KL, reward) form the reward-KL
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,7 +28,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from shiq_lab.data.batch import pad_token_id, pad_with_mask
 from shiq_lab.evaluation.sampling import RewardFn, Samples, sample_completions, score_samples
+from shiq_lab.lm.modes import as_reference, device_of, eval_mode
+from shiq_lab.lm.stats import StateLogits, action_positions, token_stats
 
 #: columns of a frontier frame, in order
 FRONTIER_COLUMNS = ["label", "loss_type", "beta", "step", "reward_mean", "reward_sem", "kl_mean", "kl_sem",
@@ -42,49 +44,20 @@ class SequenceStats:
 
     logratio: np.ndarray  # [N] sum over response tokens of ln pi - ln pi_ref at the sampled tokens
     kl_states: np.ndarray  # [N] sum over response states of KL(pi(.|s) || pi_ref(.|s))
-    policy_logp: np.ndarray  # [N] sum over response tokens of ln pi
     lengths: np.ndarray  # [N] response tokens
 
 
-def _right_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.as_tensor(list(r), dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids, mask
+def _teacher_forced(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, action_mask: torch.Tensor,
+                    positions: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, StateLogits]:
+    """logp of each response token (``positions``, row-major) and its state's full logits, chunk by chunk.
 
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-@contextlib.contextmanager
-def _as_reference(policy: torch.nn.Module, reference: torch.nn.Module | None) -> Iterator[torch.nn.Module]:
-    """The reference model: ``reference``, or the PEFT ``policy`` with its adapters disabled."""
-    if reference is not None:
-        yield reference
-        return
-    if not hasattr(policy, "disable_adapter"):
-        raise ValueError("reference=None means 'the policy with its adapters disabled', which needs a peft model; "
-                         "pass the reference model instead")
-    with policy.disable_adapter():
-        yield policy
-
-
-@torch.no_grad()
-def _response_log_softmax(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                          starts: Sequence[int], lengths: Sequence[int]) -> list[torch.Tensor]:
-    """Per row, [n_i, V] fp32 log-softmax of the states before each response token."""
-    model.eval()
-    device = _device_of(model)
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    out = []
-    for b, (s, n) in enumerate(zip(starts, lengths)):
-        # logits[t] is the state before token t+1: the response's states are s-1 .. s+n-2
-        out.append(torch.log_softmax(logits[b, s - 1:s + n - 1].float(), dim=-1))
-    return out
+    The numbers come from :func:`shiq_lab.lm.stats.token_stats`, the function the trainer and the
+    reference cache use; the model runs on its own device, the results come back on ``device``.
+    """
+    home = device_of(model)
+    logp, _, cap = token_stats(model, ids.to(home), mask.to(home), action_mask.to(home), positions=positions.to(home),
+                               return_capture=True)
+    return logp.view(-1)[positions.to(home)].to(device), StateLogits(model, cap, positions.to(home) - 1)
 
 
 @torch.no_grad()
@@ -95,41 +68,53 @@ def sequence_stats(
     *,
     pad_id: int,
     batch_size: int = 32,
+    chunk_tokens: int = 512,
 ) -> SequenceStats:
     """Teacher-forced log-ratio and per-state KL of each sampled response (see the module docstring).
 
     ``reference=None`` uses the PEFT ``policy`` with its adapters disabled. When ``reference is
-    policy`` the reference pass is skipped and every statistic is exactly 0.
+    policy`` the reference pass is skipped and every statistic is exactly 0. Each model runs where
+    it is (nothing is moved) and in eval mode; the caller's modes are restored. ``chunk_tokens``
+    states' full logits are held at a time (never [B, T, V]).
     """
     n_all = len(samples)
-    logratio, kl_states, logp_sum = np.zeros(n_all), np.zeros(n_all), np.zeros(n_all)
+    logratio, kl_states = np.zeros(n_all), np.zeros(n_all)
     lengths = np.array([len(c) for c in samples.completion_ids])
     if (lengths == 0).any():
         raise ValueError("a sample has an empty response: nothing to evaluate")
+    device = device_of(policy)
     for k in range(0, n_all, batch_size):
         rows = range(k, min(n_all, k + batch_size))
         seqs = [samples.prompt_ids[i] + samples.completion_ids[i] for i in rows]
         starts = [len(samples.prompt_ids[i]) for i in rows]
-        ns = [len(samples.completion_ids[i]) for i in rows]
         if min(starts) < 1:
             raise ValueError("a sample has an empty prompt: its first response token has no state to score")
-        ids, mask = _right_pad(seqs, pad_id)
-        pol = _response_log_softmax(policy, ids, mask, starts, ns)
+        ids, mask = pad_with_mask(seqs, pad_id)
+        action_mask = torch.zeros_like(mask)
+        for b, (s, seq) in enumerate(zip(starts, seqs)):
+            action_mask[b, s:len(seq)] = 1
+        positions = action_positions(action_mask)  # row-major: response by response, token by token
+        row_of = (positions // ids.shape[1]).to(device)
+        with eval_mode(policy):
+            lp, pol = _teacher_forced(policy, ids, mask, action_mask, positions, device)
         if reference is policy:
-            ref = pol
+            rp, ref = lp, pol
         else:
-            with _as_reference(policy, reference) as ref_model:
-                ref = _response_log_softmax(ref_model, ids, mask, starts, ns)
-        for j, i in enumerate(rows):
-            actions = torch.as_tensor(samples.completion_ids[i], dtype=torch.long, device=pol[j].device)
-            lp = pol[j].gather(-1, actions[:, None]).squeeze(-1)
-            rp = ref[j].to(pol[j].device).gather(-1, actions[:, None]).squeeze(-1)
-            logratio[i] = float((lp - rp).sum())
-            logp_sum[i] = float(lp.sum())
-            per_state = (pol[j].exp() * (pol[j] - ref[j].to(pol[j].device))).sum(-1)
+            with as_reference(policy, reference) as ref_model:
+                rp, ref = _teacher_forced(ref_model, ids, mask, action_mask, positions, device)
+        per_state = torch.zeros(len(pol), dtype=torch.float32, device=device)
+        for i0 in range(0, len(pol), chunk_tokens):
+            i1 = min(i0 + chunk_tokens, len(pol))
+            p_all = torch.log_softmax(pol(i0, i1, device), -1)
+            r_all = p_all if ref is pol else torch.log_softmax(ref(i0, i1, device), -1)
             # exp(-inf) * (-inf - x) is nan for tokens the policy cannot emit: they contribute 0
-            kl_states[i] = float(torch.nan_to_num(per_state, nan=0.0).clamp(min=0.0).sum())
-    return SequenceStats(logratio=logratio, kl_states=kl_states, policy_logp=logp_sum, lengths=lengths)
+            per_state[i0:i1] = torch.nan_to_num((p_all.exp() * (p_all - r_all)).sum(-1), nan=0.0).clamp(min=0.0)
+        n = len(seqs)
+        sums = torch.zeros(2, n, dtype=torch.float64, device=device)
+        sums[0].index_add_(0, row_of, (lp - rp).double())
+        sums[1].index_add_(0, row_of, per_state.double())
+        logratio[k:k + n], kl_states[k:k + n] = sums.cpu().numpy()
+    return SequenceStats(logratio=logratio, kl_states=kl_states, lengths=lengths)
 
 
 def _sem(x: np.ndarray) -> float:
@@ -181,7 +166,7 @@ def evaluate_policy(
     """Sample from ``policy`` on ``prompts``, score the responses, and measure KL to ``reference`` on them.
 
     Args:
-        policy: the model to evaluate (left in eval mode).
+        policy: the model to evaluate (its train / eval mode is restored afterwards).
         reference: the reference model (same tokenizer), or None for a PEFT policy's disabled adapters.
         tokenizer: the shared tokenizer.
         prompts: held-out prompts (e.g. ``imdb_prompts("test")``).
@@ -189,16 +174,15 @@ def evaluate_policy(
         samples_per_prompt, max_new_tokens, batch_size: sampling settings (see
             :func:`shiq_lab.evaluation.sampling.sample_completions`).
         seed: sampling seed: use the same one for every policy compared (common random numbers).
-        device: where to sample (default: the policy's device); the reference is moved there.
+        device: where to sample (default: the policy's device; the policy is moved back afterwards).
+            The reference runs where it is: nothing of the caller's is moved or left in another mode.
     """
     if len(prompts) == 0:
         raise ValueError("prompts is empty: give at least one held-out prompt")
     samples = sample_completions(policy, tokenizer, prompts, samples_per_prompt=samples_per_prompt,
                                  max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, device=device)
     score_samples(samples, reward_fn)
-    if reference is not None and reference is not policy and _device_of(reference) != _device_of(policy):
-        reference.to(_device_of(policy))
-    stats = sequence_stats(policy, reference, samples, pad_id=tokenizer.pad_token_id, batch_size=batch_size)
+    stats = sequence_stats(policy, reference, samples, pad_id=pad_token_id(tokenizer), batch_size=batch_size)
     rewards = np.asarray(samples.rewards, dtype=np.float64)
     return PolicyEval(
         reward_mean=float(rewards.mean()), reward_sem=_sem(rewards),

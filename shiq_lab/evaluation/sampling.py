@@ -21,7 +21,10 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["RewardFn", "Samples", "sample_completions", "score_samples", "build_offline_dataset", "left_pad"]
+from shiq_lab.data.batch import pad_token_id, pad_with_mask
+from shiq_lab.lm.modes import eval_mode, on_device
+
+__all__ = ["RewardFn", "Samples", "sample_completions", "score_samples", "build_offline_dataset"]
 
 #: ``reward_fn(prompts, completions) -> [N]`` rewards (e.g. :class:`shiq_lab.tasks.imdb.reward.SentimentReward`)
 RewardFn = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
@@ -57,20 +60,6 @@ class Samples:
         })
 
 
-def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` [B, L] with each row right-aligned (left padding)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, width - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _cache_name(model: torch.nn.Module) -> str:
@@ -88,7 +77,7 @@ def _cache_of(output: Any) -> Any:
 def _sample_batch(model: PreTrainedModel, prompt_ids: list[list[int]], *, pad_id: int, eos_id: int | None,
                   max_new_tokens: int, temperature: float, generator: torch.Generator,
                   device: torch.device) -> list[list[int]]:
-    input_ids, attn = left_pad(prompt_ids, pad_id)
+    input_ids, attn = pad_with_mask(prompt_ids, pad_id, "left")
     input_ids, attn = input_ids.to(device), attn.to(device)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     cache_kw = _cache_name(model)
@@ -138,8 +127,8 @@ def sample_completions(
     """Sample ``samples_per_prompt`` responses to each prompt, ``batch_size`` sequences at a time.
 
     Deterministic for a given ``seed`` and ``batch_size`` (one torch generator drives every draw),
-    so two models evaluated with the same seed share their random numbers. The model is put in eval
-    mode and left there.
+    so two models evaluated with the same seed share their random numbers. The model samples in eval
+    mode on ``device`` and is handed back in its own mode, on its own device.
 
     Args:
         model, tokenizer: a causal LM and its tokenizer (needs a pad token; EOS ends a response).
@@ -148,7 +137,7 @@ def sample_completions(
         max_new_tokens: cap on response tokens; a response that reaches it is ``finished=False``.
         temperature: 1.0 samples the model's own distribution (any other value samples a different
             policy than the model's: do not use it to build evaluation or offline-RL data).
-        device: where to run (default: the model's device).
+        device: where to run (default: the model's device; the model is moved there and back).
     """
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, not one string")
@@ -162,19 +151,17 @@ def sample_completions(
         raise ValueError(f"prompts {empty[:5]} are empty strings: a response needs a prompt to start from")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token: use shiq_lab.infra.models.load_tokenizer (it sets one) or set tokenizer.pad_token")
-    device = torch.device(device) if device is not None else _device_of(model)
-    if _device_of(model) != device:
-        model.to(device)
-    model.eval()
     encoded = [list(tokenizer(p, add_special_tokens=True)["input_ids"]) for p in prompts]
     order = [(g, encoded[g]) for g in range(len(prompts)) for _ in range(samples_per_prompt)]
-    generator = torch.Generator(device=device).manual_seed(seed)
     completion_ids: list[list[int]] = []
-    for k in range(0, len(order), batch_size):
-        chunk = [ids for _, ids in order[k:k + batch_size]]
-        completion_ids += _sample_batch(model, chunk, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                        generator=generator, device=device)
+    # the caller's model comes back on its device and in its mode
+    with on_device(model, device) as where, eval_mode(model):
+        generator = torch.Generator(device=where).manual_seed(seed)
+        for k in range(0, len(order), batch_size):
+            chunk = [ids for _, ids in order[k:k + batch_size]]
+            completion_ids += _sample_batch(model, chunk, pad_id=pad_token_id(tokenizer), eos_id=tokenizer.eos_token_id,
+                                            max_new_tokens=max_new_tokens, temperature=temperature,
+                                            generator=generator, device=where)
     eos = tokenizer.eos_token_id
     return Samples(
         prompts=[prompts[g] for g, _ in order],

@@ -17,29 +17,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shiq_lab.errors import ConfigError, report_errors  # one error hierarchy (issue 12): ConfigError is a ShiQLabError
+
 __all__ = ["ConfigError", "parse_config", "read_yaml", "report_errors", "yaml_to_flags"]
-
-
-class ConfigError(ValueError):
-    """A config file or flag is unusable; the message names the file, the field and the fix.
-
-    Command-line entry points print it as one line and exit with code 2 (:func:`report_errors`).
-    """
-
-
-def report_errors(main):  # type: ignore[no-untyped-def]
-    """Decorate a ``main(argv) -> int``: a :class:`ConfigError` becomes one line on stderr and exit code 2."""
-    import functools
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-        try:
-            return main(*args, **kwargs)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-
-    return wrapper
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -106,7 +86,7 @@ def _with_list_fields(cls: type) -> type:
             continue
         if f.name in tuples:
             default = f.default
-            specs.append((f.name, list[tuples[f.name]], dataclasses.field(  # type: ignore[valid-type]
+            specs.append((f.name, list[tuples[f.name]], dataclasses.field(  # type: ignore[name-defined,valid-type]
                 default_factory=(lambda d=default: list(d)), metadata=f.metadata)))
         else:
             kw = {"default": f.default} if f.default is not dataclasses.MISSING else {}
@@ -131,6 +111,7 @@ def parse_config(
     prog: str | None = None,
     description: str | None = None,
     defaults: dict[str, Any] | None = None,
+    parents: Sequence[argparse.ArgumentParser] = (),
 ) -> tuple[Any, ...]:
     """One instance of each dataclass in ``types`` from ``--config FILE`` and flags (flags override the file).
 
@@ -153,7 +134,8 @@ def parse_config(
                      for k in unknown]
             raise ConfigError(f"{known.config}: unknown field(s) {', '.join(hints)}; `--help` lists the fields")
     parser = HfArgumentParser(tuple(_with_list_fields(t) for t in types), prog=prog, description=description,
-                              formatter_class=argparse.RawDescriptionHelpFormatter, exit_on_error=False)
+                              formatter_class=argparse.RawDescriptionHelpFormatter, exit_on_error=False,
+                              parents=list(parents))  # parents: a command's own flags, listed by --help
     parser.add_argument("--config", default=None, help="YAML file of field: value (flags override it)")
     flags = yaml_to_flags({**(defaults or {}), **file_values}) + rest
     where = f"{known.config}: " if known.config else ""

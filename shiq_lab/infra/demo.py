@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {nb.name}: running ...", flush=True)
         (runs_dir() / "summaries" / f"{nb.stem}.json").unlink(missing_ok=True)  # never report a stale run
         try:
-            run = run_notebook(nb)
-        except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
+            run = run_notebook(nb, progress=True)
+        except Exception as err:  # noqa: BLE001 -- any failure of one notebook is reported, the others still run
             failures.append(nb.name)
             print(f"   FAILED: {str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__}")
             continue

@@ -73,6 +73,14 @@ def _install_polling_client() -> None:
 
         start_new_kernel_client = run_sync(async_start_new_kernel_client)
 
+        def create_kernel_manager(self):  # type: ignore[override]
+            # local sockets (in the Jupyter runtime folder) instead of unencrypted TCP on localhost: no
+            # "Kernel is running over TCP without encryption" warning for every notebook
+            km = super().create_kernel_manager()
+            if os.name == "posix":
+                km.transport = "ipc"
+            return km
+
     # the engine looks the client class up in its module at call time
     papermill.engines.PapermillNotebookClient = SteppedPollingClient
 
@@ -83,10 +91,12 @@ def run_notebook(
     parameters: dict[str, Any] | None = None,
     output_dir: Path | None = None,
     timeout_per_cell: int = 900,
+    progress: bool = False,
 ) -> NotebookRun:
     """Execute one notebook in its own folder with papermill; raises on the first failing cell.
 
-    The kernel inherits the Hugging Face offline variables, so hub calls fail fast.
+    The kernel inherits the Hugging Face offline variables, so hub calls fail fast. ``progress``: a bar
+    over the notebook's cells (``01_bellman_derivation: 12/24 cells``).
     """
     import papermill as pm
 
@@ -104,7 +114,8 @@ def run_notebook(
         parameters=parameters or {},
         cwd=str(notebook.parent),
         kernel_name="python3",
-        progress_bar=False,
+        progress_bar={"desc": f"   {notebook.stem}", "unit": "cell", "leave": False, "dynamic_ncols": True}
+        if progress else False,
         execution_timeout=timeout_per_cell,
     )
     return NotebookRun(notebook, output, time.perf_counter() - start)

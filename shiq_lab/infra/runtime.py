@@ -30,3 +30,26 @@ def cpu_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Within the block, the process's file descriptor 2 goes to /dev/null (restored after).
+
+    For native code that prints to stderr on its own, such as the CPU profiler's ``USDT: ...
+    profiler_start / profiler_stop`` lines around every ``torch.profiler.profile`` block. Python
+    exceptions raised in the block still reach the caller (they are objects, not stderr text).
+    """
+    import os
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from shiq_lab.losses import _compute_dtype, checks_values
+
 __all__ = ["chunked_token_logprobs", "default_tile", "TILE_ELEMENTS"]
 
 # Elements of one fp32 logits tile. On CPU, 4 MB tiles (1024-4096 vocabulary columns at
@@ -48,10 +50,6 @@ def default_tile(n_tokens: int, vocab: int, device: torch.device | str = "cpu") 
     n = max(1, min(n_tokens, _MAX_TOKEN_CHUNK))
     v = max(_MIN_VOCAB_CHUNK, (budget // n) // _MIN_VOCAB_CHUNK * _MIN_VOCAB_CHUNK)
     return n, min(v, vocab)
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def _ranges(total: int, step: int) -> list[tuple[int, int]]:
@@ -213,9 +211,12 @@ def chunked_token_logprobs(
         weight: [V, H] output layer (``lm_head.weight``), same dtype and device as ``hidden``.
         actions: [B, T] (or [N]) long token ids.
         bias: optional [V] output bias.
-        mask: optional [B, T] (or [N]) 0/1 or bool. Positions with 0 are not computed at all (no
-            matmul): their outputs are 0, they get no gradient, and their actions are never read,
-            so padding may hold any id (e.g. -100). Without it every action must be a valid id.
+        mask: optional [B, T] (or [N]) 0/1 or bool. Positions with 0 give 0 and get no gradient,
+            and their actions and states are never read, so padding may hold any id (e.g. -100).
+            Shapes stay fixed (no host sync), so masked positions still cost their share of the
+            matmuls: to skip them, pass only the kept rows as [N, H] (what
+            :func:`shiq_lab.lm.stats.token_stats` does, with positions the host knows). Without a
+            mask every action must be a valid id.
         chunk_size, vocab_chunk_size: tile shape (tokens x vocabulary); the default
             (:func:`default_tile`) keeps a tile near 4 MB on CPU. Results do not depend on them
             beyond floating-point summation order.
@@ -227,6 +228,10 @@ def chunked_token_logprobs(
 
     With bf16 / fp16 inputs the tile matmuls run in that dtype, as ``hidden @ weight.T`` would;
     the softmax, the logsumexp and the taken action's logit are computed in fp32.
+
+    Value checks (mask 0/1, ids in range) read the tensors and so synchronise with the device;
+    inside :func:`shiq_lab.losses.trusted_inputs` they are skipped (the trainer validates its data
+    once per dataset).
     """
     if weight.dim() != 2:
         raise ValueError(f"weight must be the [V, H] output layer, got shape {tuple(weight.shape)}")
@@ -253,18 +258,20 @@ def chunked_token_logprobs(
     if mask is not None:
         if mask.shape != out_shape:
             raise ValueError(f"mask shape {tuple(mask.shape)} must equal actions shape {tuple(out_shape)}")
-        if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
+        if checks_values() and mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
             raise ValueError("mask must hold only 0 and 1 (1 on positions to compute)")
-        keep = mask.reshape(-1).bool().to(hidden.device)
-        if bool(keep.all()):
-            keep = None
-        else:
-            flat_h, flat_a = flat_h[keep], flat_a[keep]
-    if flat_a.numel() and (int(flat_a.min()) < 0 or int(flat_a.max()) >= vocab):
-        bad = int(flat_a.min()) if int(flat_a.min()) < 0 else int(flat_a.max())
-        raise ValueError(
-            f"actions hold {bad}, not a token id in [0, {vocab}): pass mask= (0 on padding) so those positions are skipped"
-        )
+        # fixed shapes, no host sync: masked rows become (zero state, token 0) and their outputs 0, so
+        # whatever padding holds (garbage ids, NaN states) reaches neither a result nor a gradient
+        keep = mask.reshape(-1).to(device=hidden.device, dtype=torch.bool)
+        flat_a = torch.where(keep, flat_a, torch.zeros((), dtype=flat_a.dtype, device=flat_a.device))
+        flat_h = torch.where(keep[:, None], flat_h, torch.zeros((), dtype=flat_h.dtype, device=flat_h.device))
+    if checks_values() and flat_a.numel():
+        bad = (flat_a < 0) | (flat_a >= vocab)
+        if bool(bad.any()):
+            raise ValueError(
+                f"actions hold {int(flat_a[bad][0])}, not a token id in [0, {vocab}): pass mask= (0 on padding) so "
+                "those positions are skipped"
+            )
 
     cdt = _compute_dtype(hidden)
     n = flat_h.shape[0]
@@ -285,7 +292,7 @@ def chunked_token_logprobs(
     logp, logz = _ChunkedTokenLogprobs.apply(
         flat_h.contiguous(), weight.contiguous(), bias, flat_a.contiguous(), chunk_size, vocab_chunk_size, precompute
     )
-    if keep is None:
-        return logp.reshape(out_shape), logz.reshape(out_shape)
-    full = torch.zeros(keep.shape[0], dtype=cdt, device=hidden.device)
-    return (full.index_put((keep,), logp).reshape(out_shape), full.index_put((keep,), logz).reshape(out_shape))
+    if keep is not None:
+        zero = torch.zeros((), dtype=cdt, device=hidden.device)
+        logp, logz = torch.where(keep, logp, zero), torch.where(keep, logz, zero)
+    return logp.reshape(out_shape), logz.reshape(out_shape)

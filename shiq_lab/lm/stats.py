@@ -1,27 +1,48 @@
 """Per-token statistics (log pi of the action, log-partition of the state) of any causal LM.
 
-The policy and the reference go through the same function, so at theta = ref both sides are bit-identical.
+One function, :func:`token_stats`, gives them to every caller: the trainer (policy), the reference
+precompute, the token views, the evaluation of generations and the simple fit. So at theta = ref
+both sides are bit-identical wherever a policy is compared with its reference on the same batch.
+
+One capture mechanism, :func:`capture`: the model's own forward (so DDP / accelerate / FSDP hooks
+run) with a forward hook on the decoder that keeps the final hidden states, and ``logits_to_keep=1``
+so the output layer sees one position per row. The statistics then come from
+:func:`shiq_lab.lm.kernel.chunked_token_logprobs` on the response positions only; callers that also
+need every vocabulary entry of some states (top-k, per-state KL) read them chunk by chunk with
+:class:`StateLogits` from the same capture.
+
+Which positions: :func:`action_positions` lists them. Computed where the mask lives on the host (a
+collator), it costs no device synchronisation, and the gathers that follow have shapes the host
+already knows.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from shiq_lab.lm.kernel import chunked_token_logprobs
-from shiq_lab.losses import token_logprobs
+from shiq_lab.lm.modes import unwrap
+from shiq_lab.losses import checks_values, token_logprobs
 
-# ---------------------------------------------------------------------------------------------
-# per-token statistics of a model
-# ---------------------------------------------------------------------------------------------
+__all__ = [
+    "causal_lm_parts",
+    "resolve_logits_mode",
+    "action_positions",
+    "Capture",
+    "capture",
+    "forward_hidden",
+    "stats_from_hidden",
+    "token_stats",
+    "StateLogits",
+]
 
 
 def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
     """``(causal_lm, decoder, output_layer)`` of a possibly wrapped (DDP, PEFT) causal LM."""
-    core = model
-    while hasattr(core, "module") and isinstance(core.module, torch.nn.Module):  # DDP / accelerate wrappers
-        core = core.module
+    core = unwrap(model)
     if hasattr(core, "get_base_model"):  # peft.PeftModel: the causal LM with adapter layers inside
         core = core.get_base_model()
     if not hasattr(core, "get_decoder") or not hasattr(core, "get_output_embeddings"):
@@ -36,14 +57,18 @@ def resolve_logits_mode(model: torch.nn.Module, mode: str = "auto") -> str:
     """``"chunked"`` (hidden states x output layer, tile by tile) or ``"full"`` (the model's own logits).
 
     ``"auto"`` picks ``"chunked"`` unless the output layer cannot be read as a plain [V, H] matrix
-    next to the forward pass: logit soft-capping or scaling in the config, an adapter on the output
-    layer, or a sharded weight (FSDP / DeepSpeed ZeRO-3), where ``"full"`` is the safe path.
+    next to the forward pass: a model that is not a Hugging Face causal LM (its logits may be
+    post-processed), logit soft-capping or scaling in the config, an adapter on the output layer,
+    or a sharded weight (FSDP / DeepSpeed ZeRO-3), where ``"full"`` is the safe path.
     """
     if mode not in ("auto", "chunked", "full"):
         raise ValueError(f"logits_mode={mode!r}: choose 'auto', 'chunked' or 'full'")
     if mode != "auto":
         return mode
-    core, _, head = causal_lm_parts(model)
+    try:
+        core, _, head = causal_lm_parts(model)
+    except TypeError:
+        return "full"
     cfg = getattr(core, "config", None)
     special = [k for k in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
                if getattr(cfg, k, None) not in (None, 1, 1.0)]
@@ -55,24 +80,46 @@ def resolve_logits_mode(model: torch.nn.Module, mode: str = "auto") -> str:
     return "chunked"
 
 
-def forward_hidden(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, full_logits: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(hidden, logits)``: [B, L, H] final hidden states (after the last norm), via the model's own forward.
+def action_positions(action_mask: torch.Tensor) -> torch.Tensor:
+    """[N] flat positions ``b * L + t`` (t >= 1) of the action tokens of a [B, L] mask, row-major.
 
-    The call goes through ``model`` itself (so DDP / accelerate / FSDP hooks run) and a forward
-    hook on the decoder captures its output. Unless ``full_logits``, ``logits_to_keep=1`` keeps the
-    output layer to one position and ``logits`` is None.
+    Call it on a host (CPU) mask, e.g. in a collator: on an accelerator ``nonzero`` waits for the
+    device. Position 0 is never an action (no state before the first token).
     """
-    _, decoder, _ = causal_lm_parts(model)
+    nz = torch.nonzero(action_mask[:, 1:])
+    return nz[:, 0] * action_mask.shape[1] + nz[:, 1] + 1
+
+
+@dataclass
+class Capture:
+    """What one forward pass kept: final hidden states [B, L, H] (None for a model whose decoder cannot
+    be hooked) and, in ``"full"`` mode only, the model's logits [B, L, V]."""
+
+    mode: str
+    hidden: torch.Tensor | None
+    logits: torch.Tensor | None
+
+
+def capture(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, mode: str) -> Capture:
+    """Run ``model`` once and keep its final hidden states (and its logits in ``"full"`` mode).
+
+    In ``"chunked"`` mode ``logits_to_keep=1`` keeps the output layer to one position per row
+    (architectures without that argument run their output layer in full, and the logits are dropped).
+    """
+    try:
+        _, decoder, _ = causal_lm_parts(model)
+    except TypeError:
+        if mode != "full":
+            raise
+        decoder = None
     captured: list[torch.Tensor] = []
 
     def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
         captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
 
-    handle = decoder.register_forward_hook(hook)
+    handle = decoder.register_forward_hook(hook) if decoder is not None else None
     try:
-        if full_logits:
+        if mode == "full":
             out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         else:
             try:
@@ -83,10 +130,31 @@ def forward_hidden(
                 captured.clear()
                 out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
-        handle.remove()
-    if not captured:
+        if handle is not None:
+            handle.remove()
+    if decoder is not None and not captured:
         raise RuntimeError("the decoder's forward hook did not fire: is get_decoder() part of the forward pass?")
-    return captured[-1], (out.logits if full_logits else None)
+    return Capture(mode, captured[-1] if captured else None, out.logits if mode == "full" else None)
+
+
+def forward_hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, full_logits: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(hidden, logits)`` of :func:`capture` (``logits`` None unless ``full_logits``)."""
+    cap = capture(model, input_ids, attention_mask, mode="full" if full_logits else "chunked")
+    if cap.hidden is None:
+        raise TypeError(f"{type(model).__name__} is not a Hugging Face causal LM: no decoder to take hidden states from")
+    return cap.hidden, cap.logits
+
+
+def _positions(action_mask: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    return action_positions(action_mask) if positions is None else positions.to(action_mask.device)
+
+
+def _scatter(values: torch.Tensor, positions: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """[B, L] zeros with ``values`` at flat ``positions`` (differentiable)."""
+    flat = torch.zeros(shape.numel(), dtype=values.dtype, device=values.device)
+    return flat.index_copy(0, positions, values).view(shape)
 
 
 def stats_from_hidden(
@@ -96,31 +164,33 @@ def stats_from_hidden(
     action_mask: torch.Tensor,
     *,
     chunk_size: int | None = None,
+    positions: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(logp, logz)`` [B, L] from final hidden states, on policy tokens only (0 elsewhere).
+    """``(logp, logz)`` [B, L] from final hidden states, on action tokens only (0 elsewhere).
 
     Position t holds the statistics of generating ``input_ids[t]`` from the state after t-1
-    tokens; position 0 is always 0 (no state before the first token).
+    tokens; position 0 is always 0 (no state before the first token). ``positions``: the
+    :func:`action_positions` of ``action_mask``, when the caller has them (no device sync).
     """
     _, _, head = causal_lm_parts(model)
     weight, bias = head.weight, getattr(head, "bias", None)
-    mask = action_mask[:, 1:].bool()
-    h = hidden[:, :-1]
+    pos = _positions(action_mask, positions)
+    h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos - 1)  # the state before each action
     if h.dtype != weight.dtype:  # autocast gives low-precision hidden states next to fp32 weights
         h = h.to(weight.dtype)
+    actions = input_ids.reshape(-1).index_select(0, pos)
     with torch.autocast(device_type=h.device.type, enabled=False):
-        logp, logz = chunked_token_logprobs(h, weight, input_ids[:, 1:], bias=bias, mask=mask, chunk_size=chunk_size)
-    pad = torch.zeros(logp.shape[0], 1, dtype=logp.dtype, device=logp.device)
-    return torch.cat([pad, logp], 1), torch.cat([pad, logz], 1)
+        logp, logz = chunked_token_logprobs(h, weight, actions, bias=bias, chunk_size=chunk_size)
+    return _scatter(logp, pos, input_ids.shape), _scatter(logz, pos, input_ids.shape)
 
 
-def _stats_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = action_mask[:, 1:].bool()
-    sel_logp, sel_logz = token_logprobs(logits[:, :-1][mask][None], input_ids[:, 1:][mask][None])
-    full_mask = torch.cat([torch.zeros_like(mask[:, :1]), mask], 1)
-    logp = torch.zeros(input_ids.shape, dtype=sel_logp.dtype, device=input_ids.device).masked_scatter(full_mask, sel_logp[0])
-    logz = torch.zeros(input_ids.shape, dtype=sel_logz.dtype, device=input_ids.device).masked_scatter(full_mask, sel_logz[0])
-    return logp, logz
+def _stats_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    sel = logits.reshape(-1, logits.shape[-1]).index_select(0, pos - 1)
+    actions = input_ids.reshape(-1).index_select(0, pos)
+    if checks_values() and actions.numel() and bool(((actions < 0) | (actions >= sel.shape[-1])).any()):
+        raise ValueError(f"an action token is not an id in [0, {sel.shape[-1]}): tokenise with the model's tokenizer")
+    logp, logz = token_logprobs(sel[None], actions[None])
+    return _scatter(logp[0], pos, input_ids.shape), _scatter(logz[0], pos, input_ids.shape)
 
 
 def token_stats(
@@ -132,19 +202,57 @@ def token_stats(
     chunk_size: int | None = None,
     logits_mode: str = "auto",
     return_hidden: bool = False,
-) -> tuple[torch.Tensor, ...]:
+    positions: torch.Tensor | None = None,
+    return_capture: bool = False,
+) -> tuple[Any, ...]:
     """``(logp, logz)`` [B, L] fp32 of a causal LM, aligned to ``input_ids``, 0 off ``action_mask``.
 
     ``logits_mode`` (see :func:`resolve_logits_mode`): ``"chunked"`` never builds [B, T, V] logits;
-    ``"full"`` uses the model's logits (selected rows only are converted to fp32). With
-    ``return_hidden=True`` also returns the final hidden states [B, L, H].
+    ``"full"`` uses the model's logits (selected rows only are converted to fp32). ``positions``:
+    :func:`action_positions` of ``action_mask`` computed on the host (else computed here: one
+    device sync on an accelerator). With ``return_hidden=True`` also returns the final hidden states
+    [B, L, H]; with ``return_capture=True`` the whole :class:`Capture` instead (for :class:`StateLogits`).
     """
     mode = resolve_logits_mode(model, logits_mode)
-    hidden, logits = forward_hidden(model, input_ids, attention_mask, full_logits=mode == "full")
+    cap = capture(model, input_ids, attention_mask, mode=mode)
+    pos = _positions(action_mask, positions)
     if mode == "full":
-        logp, logz = _stats_from_logits(logits, input_ids, action_mask)
+        logp, logz = _stats_from_logits(cap.logits, input_ids, pos)
     else:
-        logp, logz = stats_from_hidden(model, hidden, input_ids, action_mask, chunk_size=chunk_size)
-    return (logp, logz, hidden) if return_hidden else (logp, logz)
+        logp, logz = stats_from_hidden(model, cap.hidden, input_ids, action_mask, chunk_size=chunk_size, positions=pos)
+    if return_capture:
+        return logp, logz, cap
+    return (logp, logz, cap.hidden) if return_hidden else (logp, logz)
 
 
+class StateLogits:
+    """fp32 [n, V] logits of selected states of one :class:`Capture`, chunk by chunk (never [B, T, V]).
+
+    ``states``: flat indices ``b * L + t`` of the states (the state at t precedes token t+1). From
+    hidden states the output layer runs on one chunk at a time; in ``"full"`` mode the selected
+    rows of the model's logits are kept.
+    """
+
+    def __init__(self, model: torch.nn.Module, cap: Capture, states: torch.Tensor) -> None:
+        self.mode = cap.mode
+        if cap.mode == "full":
+            self.hidden, self.head = None, None
+            self.full: torch.Tensor | None = cap.logits.reshape(-1, cap.logits.shape[-1]).index_select(0, states)
+        else:
+            self.head = causal_lm_parts(model)[2]
+            self.hidden = cap.hidden.reshape(-1, cap.hidden.shape[-1]).index_select(0, states)
+            self.full = None
+
+    def __len__(self) -> int:
+        return len(self.full if self.full is not None else self.hidden)
+
+    @torch.no_grad()
+    def __call__(self, i0: int, i1: int, device: torch.device | None = None) -> torch.Tensor:
+        """fp32 [i1 - i0, V] logits of states i0..i1-1."""
+        if self.full is not None:
+            out = self.full[i0:i1]
+        else:
+            w, b = self.head.weight, getattr(self.head, "bias", None)
+            h = self.hidden[i0:i1]
+            out = torch.nn.functional.linear(h.to(w.dtype), w, b)
+        return out.to(device=device if device is not None else out.device, dtype=torch.float32)

@@ -7,11 +7,11 @@ reference model is never in memory during training.
 
 Public API:
 
-- :func:`token_stats`: ``(logp, logz)`` [B, L] of a causal LM on a batch, aligned to ``input_ids``
-  (value at t = statistics of generating token t; 0 off the action mask). It runs the model's
-  decoder, then :func:`shiq_lab.lm.kernel.chunked_token_logprobs` on the final hidden states
-  and the output layer, on response tokens only, so no [B, T, V] fp32 tensor exists. The trainer
-  uses the same function for the policy, so at theta = ref both sides are bit-identical.
+- :func:`shiq_lab.lm.stats.token_stats` (re-exported by :mod:`shiq_lab.reference` for one release):
+  ``(logp, logz)`` [B, L] of a causal LM on a batch, aligned to ``input_ids`` (value at t =
+  statistics of generating token t; 0 off the action mask). The trainer uses the same function for
+  the policy, and this module gathers the same response positions, so at theta = ref both sides
+  are bit-identical.
 - :func:`precompute_reference`: adds ``ref_logp`` / ``ref_logz`` columns to a tokenised dataset,
   through the cache.
 - :func:`dataset_fingerprint`, :func:`reference_identity`: what the cache is keyed by.
@@ -24,16 +24,28 @@ statistics' format version). For a PEFT model the reference is the base model, a
 and its identity is the base weights'. Entries are written to a temporary folder and renamed into
 place, so an interrupted run never leaves a half entry; an entry whose checksum or metadata does not
 match is detected and never used.
+
+The cache heals itself (issue 12): a damaged entry part (``meta.json`` empty, truncated, not a JSON
+object; statistics file cut or unreadable) is reported with its path and recomputed; the staging
+folder of a writer that was killed (``.<key>-w<pid>@<host>-*``) is removed by the next writer once
+that process is gone (or after :data:`STAGING_MAX_AGE_S`); two processes writing or reading one key
+are safe (an entry that vanishes while it is replaced is a miss; a rename race is retried); a cache
+folder that cannot be written (read-only) leaves the statistics computed in memory, with a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
+import re
+import shutil
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,12 +56,19 @@ import torch
 from datasets import Dataset
 from safetensors.numpy import load_file, save_file
 
-from shiq_lab.lm.stats import causal_lm_parts, token_stats
+from shiq_lab.errors import ShiQLabError
+from shiq_lab.lm.modes import as_reference, device_of
+from shiq_lab.lm.stats import action_positions, causal_lm_parts, token_stats
+from shiq_lab.lm.value_head import VALUE_HEAD_NAME
 
 logger = logging.getLogger(__name__)
 
-#: bump when the meaning or layout of stored statistics changes: old entries are then never read
+#: bump when the meaning, the layout or the numerics of stored statistics change: old entries are then
+#: never read (a stale entry would break the exact zero at theta = ref). Still 1 after issue 9: token_stats
+#: now gathers the response states by position instead of a boolean mask, and gives the same bits.
 STATS_VERSION = 1
+#: a staging folder older than this is removed even when its writer's pid cannot be checked (other host)
+STAGING_MAX_AGE_S = 6 * 3600
 
 _RUNTIME_CONFIG_KEYS = {
     "_name_or_path", "transformers_version", "_commit_hash", "use_cache", "output_hidden_states",
@@ -58,7 +77,7 @@ _RUNTIME_CONFIG_KEYS = {
 }
 
 
-class StaleReferenceCacheError(RuntimeError):
+class StaleReferenceCacheError(ShiQLabError, RuntimeError):
     """Stored reference statistics do not belong to this dataset or this reference model."""
 
 
@@ -96,7 +115,7 @@ def _base_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
     """Parameters of the model without adapters, named as in the plain model."""
     core, _, _ = causal_lm_parts(model)
     for name, p in core.named_parameters():
-        if "lora_" in name or "modules_to_save" in name or "shiq_value_head" in name:
+        if "lora_" in name or "modules_to_save" in name or VALUE_HEAD_NAME in name:
             continue
         yield name.replace(".base_layer", ""), p
 
@@ -172,12 +191,18 @@ class ReferenceCache:
     @staticmethod
     def write(folder: str | os.PathLike, logp: list[np.ndarray], logz: list[np.ndarray], *, fingerprint: str,
               identity: dict[str, str]) -> Path:
-        """Write an entry atomically (temporary folder, then rename). An existing entry is replaced."""
+        """Write an entry atomically (staging folder, then rename). An existing entry is replaced.
+
+        Safe against a concurrent writer of the same entry: whichever rename lands last wins, and
+        both write the same statistics. A killed writer's staging folder is removed by a later one.
+        """
         folder = Path(folder)
         folder.parent.mkdir(parents=True, exist_ok=True)
+        clean_staging(folder.parent, name=folder.name)
         lengths = np.array([len(x) for x in logp], dtype=np.int64)
-        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}-") as tmp:
-            staging = Path(tmp) / "entry"
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=_staging_prefix(folder.name)))
+        try:
+            staging = tmp / "entry"
             staging.mkdir()
             arrays = {"ref_logp": np.concatenate(logp).astype(np.float32) if len(logp) else np.zeros(0, np.float32),
                       "ref_logz": np.concatenate(logz).astype(np.float32) if len(logz) else np.zeros(0, np.float32),
@@ -187,72 +212,167 @@ class ReferenceCache:
                     "rows": len(lengths), "tokens": int(lengths.sum()),
                     "stats_sha256": _sha256_file(staging / ReferenceCache.STATS_FILE)}
             (staging / ReferenceCache.META_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
-            if folder.exists():
-                old = Path(tmp) / "old"
-                folder.rename(old)  # moved aside, deleted with the temporary folder
-            staging.rename(folder)
+            for attempt in range(8):
+                if folder.exists():
+                    with contextlib.suppress(FileNotFoundError):  # another writer moved it first
+                        folder.rename(tmp / f"old{attempt}")  # moved aside, deleted with the staging folder
+                try:
+                    staging.rename(folder)
+                    break
+                except OSError as err:
+                    if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                        raise
+                    # another writer placed its entry between our two renames: move it aside, retry
+            else:
+                logger.info("reference cache: %s kept another writer's entry (same key, same statistics)", folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
     @staticmethod
     def read(folder: str | os.PathLike, *, fingerprint: str, identity: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(logp, logz, lengths)`` of an entry; :class:`StaleReferenceCacheError` when it does not match."""
+        """``(logp, logz, lengths)`` of an entry; :class:`StaleReferenceCacheError` when it does not match or is damaged.
+
+        Every damaged part is named with its path: ``meta.json`` empty, not JSON (truncated), not a
+        JSON object or missing fields; the statistics file cut (checksum), unreadable or inconsistent.
+        A file that vanishes while it is read raises ``FileNotFoundError`` (:meth:`load`: a miss).
+        """
         folder = Path(folder)
         meta_file, stats_file = folder / ReferenceCache.META_FILE, folder / ReferenceCache.STATS_FILE
         if not meta_file.exists() or not stats_file.exists():
+            missing = [str(f) for f in (meta_file, stats_file) if not f.exists()]
             raise StaleReferenceCacheError(
                 f"{folder} is not a reference-statistics entry (missing {ReferenceCache.META_FILE} or "
-                f"{ReferenceCache.STATS_FILE}): run `shiq-lab precompute-ref` again")
-        meta = json.loads(meta_file.read_text())
+                f"{ReferenceCache.STATS_FILE}: {', '.join(missing)}): run `shiq-lab precompute-ref` again")
+        fix = "; delete that folder or recompute it (`shiq-lab precompute-ref`)"
+        raw = meta_file.read_bytes()
+        try:
+            meta = json.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            what = "empty" if not raw.strip() else "not valid JSON (truncated or overwritten)"
+            raise StaleReferenceCacheError(f"damaged reference-statistics metadata {meta_file}: {what}{fix}") from None
+        if not isinstance(meta, dict):
+            raise StaleReferenceCacheError(f"damaged reference-statistics metadata {meta_file}: a JSON "
+                                           f"{type(meta).__name__} where an object of fields is expected{fix}")
+        reference = meta.get("reference")
+        if not isinstance(reference, dict):
+            reference = {}
         problems = []
         if meta.get("version") != STATS_VERSION:
             problems.append(f"format version {meta.get('version')} != {STATS_VERSION}")
         if meta.get("dataset_fingerprint") != fingerprint:
             problems.append("it was computed for another dataset or tokenisation (dataset fingerprint differs)")
-        if meta.get("reference") != identity:
-            diff = sorted(k for k in set(identity) | set(meta.get("reference", {}))
-                          if identity.get(k) != meta.get("reference", {}).get(k))
+        if reference != identity:
+            diff = sorted(k for k in set(identity) | set(reference) if identity.get(k) != reference.get(k))
             problems.append(f"it was computed with another reference model ({', '.join(diff)} differ)")
         if not problems and _sha256_file(stats_file) != meta.get("stats_sha256"):
-            problems.append("its statistics file is corrupted (checksum mismatch)")
+            problems.append(f"its statistics file {stats_file} is corrupted (checksum mismatch)")
         if problems:
             raise StaleReferenceCacheError(
                 f"stale reference statistics in {folder}: " + "; ".join(problems) +
                 ". Delete that folder or recompute (`shiq-lab precompute-ref`, or drop ref_stats_path to use the cache)")
-        arrays = load_file(str(stats_file))
-        return arrays["ref_logp"], arrays["ref_logz"], arrays["lengths"]
+        try:
+            arrays = load_file(str(stats_file))
+            logp, logz, lengths = arrays["ref_logp"], arrays["ref_logz"], arrays["lengths"]
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - safetensors' own error types differ across versions
+            raise StaleReferenceCacheError(f"damaged reference statistics {stats_file}: {err}{fix}") from None
+        if int(lengths.sum()) != len(logp) or len(logp) != len(logz) or meta.get("rows", len(lengths)) != len(lengths):
+            raise StaleReferenceCacheError(f"damaged reference statistics {stats_file}: lengths and arrays disagree{fix}")
+        return logp, logz, lengths
 
     def load(self, fingerprint: str, identity: dict[str, str]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """The cached entry, or ``None`` on a miss. A damaged entry is reported and treated as a miss."""
+        """The cached entry, or ``None`` on a miss.
+
+        A damaged entry is reported (with its path) and treated as a miss, so it is recomputed and
+        replaced; an entry that vanishes while it is read (another process replacing it), or that
+        cannot be read at all, is a miss too.
+        """
         folder = self.path(self.key(fingerprint, identity))
-        if not folder.exists():
-            return None
-        try:
-            return self.read(folder, fingerprint=fingerprint, identity=identity)
-        except StaleReferenceCacheError as err:
-            warnings.warn(f"ignoring a damaged reference cache entry, it will be recomputed: {err}", stacklevel=2)
-            return None
+        for _ in range(3):
+            try:
+                inode = folder.stat().st_ino
+            except OSError:
+                return None  # no entry (or it vanished): a miss
+            try:
+                return self.read(folder, fingerprint=fingerprint, identity=identity)
+            except (FileNotFoundError, NotADirectoryError):
+                return None  # replaced under our feet: a miss
+            except StaleReferenceCacheError as err:
+                try:
+                    replaced = folder.stat().st_ino != inode
+                except OSError:
+                    return None
+                if replaced:
+                    continue  # another writer swapped the entry while we read it: read the new one
+                warnings.warn(f"ignoring a damaged reference cache entry, it will be recomputed: {err}", stacklevel=2)
+                return None
+            except OSError as err:
+                warnings.warn(f"cannot read the reference cache entry {folder} ({err.strerror or err}): recomputing",
+                              stacklevel=2)
+                return None
+        return None
 
     def save(self, fingerprint: str, identity: dict[str, str], logp: list[np.ndarray], logz: list[np.ndarray]) -> Path:
         return self.write(self.path(self.key(fingerprint, identity)), logp, logz, fingerprint=fingerprint, identity=identity)
 
 
+_STAGING_RE = re.compile(r"^\.(?P<name>.+?)-(?:w(?P<pid>\d+)@(?P<host>.*)-)?[A-Za-z0-9_]{8}$")
+
+
+def _staging_prefix(name: str) -> str:
+    # the writer's pid and host are in the name, so a later writer knows when it is gone
+    return f".{name}-w{os.getpid()}@{socket.gethostname().replace('-', '_')}-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_staging(root: str | os.PathLike, *, name: str | None = None, max_age_s: float = STAGING_MAX_AGE_S) -> list[Path]:
+    """Remove staging folders of killed writers in ``root`` (only those of entry ``name`` when given).
+
+    A staging folder is stale when its writer (pid in its name) is no longer running on this host,
+    or when it is older than ``max_age_s`` (a writer on another host, or an old-style name).
+    Returns the folders removed; each removal is logged with its path.
+    """
+    root = Path(root)
+    removed: list[Path] = []
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        return removed
+    host, now = socket.gethostname().replace("-", "_"), time.time()
+    for child in children:
+        m = _STAGING_RE.match(child.name)
+        if m is None or (name is not None and m.group("name") != name):
+            continue
+        try:
+            if not child.is_dir():
+                continue
+            age = now - child.stat().st_mtime
+        except OSError:
+            continue
+        pid = m.group("pid")
+        dead = pid is not None and m.group("host") == host and int(pid) != os.getpid() and not _pid_alive(int(pid))
+        if dead or age > max_age_s:
+            shutil.rmtree(child, ignore_errors=True)
+            if not child.exists():
+                logger.warning("reference cache: removed %s, left by a writer that was killed", child)
+                removed.append(child)
+    return removed
+
+
 # ---------------------------------------------------------------------------------------------
 # precompute
 # ---------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _reference_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Eval mode, no grad, and adapters disabled for a PEFT model (the reference is its base)."""
-    was_training = model.training
-    model.eval()
-    adapters = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") \
-        else contextlib.nullcontext()
-    try:
-        with torch.no_grad(), adapters:
-            yield
-    finally:
-        model.train(was_training)
 
 
 def compute_reference_stats(
@@ -273,7 +393,7 @@ def compute_reference_stats(
     from shiq_lab.data.batch import ShiQCollator
 
     if device is None:
-        device = next(model.parameters()).device
+        device = device_of(model)
     device = torch.device(device)
     autocast = torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None \
         else contextlib.nullcontext()
@@ -281,14 +401,17 @@ def compute_reference_stats(
     logp_rows: list[np.ndarray] = []
     logz_rows: list[np.ndarray] = []
     cols = _flat_indices(ds).select_columns(["input_ids", "action_mask", "token_rewards"])
-    with _reference_mode(model):
+    # the reference of a PEFT model is its base (adapters disabled); any other model is its own
+    with torch.no_grad(), as_reference(model, plain_is_reference=True) as reference:
         for start in range(0, len(cols), batch_size):
             rows = cols[start:start + batch_size]
             feats = [dict(zip(rows, vals)) for vals in zip(*rows.values())]
             batch = collate(feats)
+            positions = action_positions(batch["action_mask"]).to(device)  # on the host, as the trainer's collator
             ids, am, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "action_mask"))
             with autocast:
-                logp, logz = token_stats(model, ids, am, mask, chunk_size=chunk_size, logits_mode=logits_mode)
+                logp, logz = token_stats(reference, ids, am, mask, chunk_size=chunk_size, logits_mode=logits_mode,
+                                         positions=positions)
             lengths = batch["attention_mask"].sum(1).tolist()
             for b, n in enumerate(lengths):
                 logp_rows.append(logp[b, :n].float().cpu().numpy())
@@ -347,8 +470,13 @@ def precompute_reference(
     logp_rows, logz_rows = compute_reference_stats(model, ds, batch_size=batch_size, chunk_size=chunk_size,
                                                    logits_mode=logits_mode, device=device, autocast_dtype=autocast_dtype)
     if cache is not None:
-        where = cache.save(fingerprint, identity, logp_rows, logz_rows)
-        logger.info("reference statistics: computed and cached in %s", where)
+        try:
+            where = cache.save(fingerprint, identity, logp_rows, logz_rows)
+            logger.info("reference statistics: computed and cached in %s", where)
+        except OSError as err:  # read-only or full disk: the statistics are in memory, training goes on
+            warnings.warn(f"reference cache folder {cache.root} cannot be written ({err.strerror or err}): the "
+                          "statistics were computed in memory and not cached. Set ref_cache_dir to a writable folder, "
+                          "or use_ref_cache false to skip the cache", stacklevel=2)
     return attach_reference_stats(ds, logp_rows, logz_rows)
 
 

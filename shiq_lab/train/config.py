@@ -54,6 +54,8 @@ class ShiQConfig(TrainingArguments):
     reward_normalization: str = field(default="none", metadata={"help": "'none' or 'zscore' (of sequence returns)"})
     chosen_reward: float = field(default=1.0, metadata={"help": "reward of 'chosen' in preference data"})
     rejected_reward: float = field(default=0.0, metadata={"help": "reward of 'rejected' in preference data"})
+    allow_zero_rewards: bool = field(default=False, metadata={
+        "help": "accept multi-turn data in which no assistant turn has a reward (all rewards 0, on purpose)"})
     ref_cache_dir: str | None = field(default=None, metadata={
         "help": "reference-statistics cache folder (default: $SHIQ_LAB_CACHE/ref_stats)"})
     use_ref_cache: bool = field(default=True, metadata={"help": "read / write the reference-statistics cache"})
@@ -69,8 +71,13 @@ class ShiQConfig(TrainingArguments):
         "help": "dro: learning rate of the value head (default: learning_rate)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the loss reads its own columns"})
     logging_steps: float = field(default=1, metadata={"help": "log every n steps (loss, kl, tokens/s)"})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "train into an output_dir that holds another run's outputs, deleting its checkpoints (else refused)"})
 
     def __post_init__(self) -> None:
+        from shiq_lab.train.validation import validate_config
+
+        validate_config(self)  # ranges and types, before TrainingArguments' own set-up (issue 12)
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r}: choose one of {LOSS_TYPES}")
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
@@ -93,4 +100,8 @@ class ShiQConfig(TrainingArguments):
             else "gradient_checkpointing_kwargs"
         if getattr(self, name) is None and getattr(self, "gradient_checkpointing_kwargs", None) is None:
             setattr(self, name, {"use_reentrant": False})
+        # every parameter of a causal LM (and of the DRO value head) gets a gradient in every step: DDP's
+        # search for unused ones only costs a graph traversal and warns at each step that it found none
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False
         super().__post_init__()

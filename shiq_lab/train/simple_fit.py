@@ -3,11 +3,12 @@
 :func:`fit_sft` (maximum likelihood on the policy tokens) makes a reference that already puts mass
 on the responses, as an SFT model does before RL fine-tuning; :func:`fit_shiq` then fits ShiQ.
 
-One padded batch, full logits, AdamW, the full-path ShiQ loss of :mod:`shiq_lab.losses` against
+One padded batch, AdamW, the full-path ShiQ loss of :mod:`shiq_lab.losses` against
 reference numbers computed once before the first step (so the reference never runs again, as in
 the offline setting of METHOD.md). It exists to show what a fit does to token values in seconds;
-for real runs -- datasets, minibatches, chunked vocabulary, checkpoints, logging -- use the trainer
-(:mod:`shiq_lab.train.trainer`).
+for real runs -- datasets, minibatches, checkpoints, logging -- use the trainer
+(:mod:`shiq_lab.train.trainer`). The per-token statistics are the trainer's own
+(:func:`shiq_lab.lm.stats.token_stats`, chunked over the vocabulary), for the policy and the reference.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shiq_lab.data.inspect import Prompt, Response, encode_responses, pad_batch
-from shiq_lab.losses import shiq_loss, token_logprobs
-from shiq_lab.views.token_values import Rewards, eval_mode, resolve_rewards
+from shiq_lab.data.batch import batch_responses, pad_token_id
+from shiq_lab.data.encode import Prompt, Response, encode_responses
+from shiq_lab.lm.modes import device_of, eval_mode
+from shiq_lab.lm.stats import action_positions, token_stats
+from shiq_lab.losses import shiq_loss
+from shiq_lab.views.token_values import Rewards, resolve_rewards
 
 __all__ = ["FitHistory", "fit_sft", "fit_shiq"]
 
@@ -45,7 +49,7 @@ def _adamw_loop(model: torch.nn.Module, loss_fn, *, steps: int, lr: float, weigh
         for step in range(steps + 1):
             loss, metrics = loss_fn()
             history.loss.append(float(loss.detach()))
-            history.residual_abs_mean.append(metrics.get("residual_abs_mean", float("nan")))
+            history.residual_abs_mean.append(float(metrics.get("residual_abs_mean", float("nan"))))
             if step == steps:
                 break  # the last entry is the loss after the final update
             opt.zero_grad(set_to_none=True)
@@ -70,23 +74,22 @@ def fit_sft(
 ) -> FitHistory:
     """Maximum likelihood (mean negative log-likelihood of the policy tokens) on the responses, in place."""
     encoded = encode_responses(tokenizer, prompt, responses, add_eos=add_eos)
-    batch = pad_batch(encoded, _pad(tokenizer), next(model.parameters()).device)
-    mask = batch.mask.bool()
+    batch = batch_responses(encoded, pad_token_id(tokenizer), device_of(model))
+    mask = batch.mask.to(torch.float32)
 
     def nll() -> tuple[torch.Tensor, dict]:
         logp, _ = _logprobs(model, batch)
-        return -logp[mask].mean(), {}
+        return -(logp * mask).sum() / mask.sum(), {}
 
     return _adamw_loop(model, nll, steps=steps, lr=lr, weight_decay=weight_decay)
 
 
-def _pad(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def _logprobs(model: torch.nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits[:, :-1]
-    return token_logprobs(logits, batch.actions)
+    """``(logp, logz)`` [B, T-1] of the policy tokens (0 elsewhere), in the batch's layout (column t = action t+1)."""
+    action_mask = torch.nn.functional.pad(batch.mask, (1, 0))  # aligned to input_ids, as token_stats wants
+    positions = action_positions(action_mask.cpu())
+    logp, logz = token_stats(model, batch.input_ids, batch.attention_mask, action_mask, positions=positions)
+    return logp[:, 1:], logz[:, 1:]
 
 
 def fit_shiq(
@@ -112,8 +115,8 @@ def fit_shiq(
     """
     encoded = encode_responses(tokenizer, prompt, responses, add_eos=add_eos)
     reward_rows = resolve_rewards(rewards, encoded)
-    device = next(model.parameters()).device
-    batch = pad_batch(encoded, _pad(tokenizer), device)
+    device = device_of(model)
+    batch = batch_responses(encoded, pad_token_id(tokenizer), device)
     r = torch.zeros(batch.mask.shape, dtype=torch.float32, device=device)
     for b, (e, rew) in enumerate(zip(encoded, reward_rows)):
         r[b, e.start - 1 : e.start - 1 + e.n_rows] = torch.as_tensor(rew, dtype=torch.float32, device=device)

@@ -17,7 +17,7 @@ reference is the model as given, adapters disabled for PEFT, or ``ref_model=`` w
 dropped: no reference model is held during training) -> for DPO / CoPG, one row per prompt group, so
 a batch never splits a prompt's responses (``per_device_train_batch_size`` then counts prompts).
 
-The loss. The policy's per-token ``(logp, logz)`` come from :func:`shiq_lab.reference.token_stats`
+The loss. The policy's per-token ``(logp, logz)`` come from :func:`shiq_lab.lm.stats.token_stats`
 (final hidden states x output layer, tile by tile: no [B, T, V] fp32 tensor), the same function
 that computed the reference's, so at theta = ref every ShiQ residual is exactly 0. Normalisation:
 the loss of a micro-batch is its sum of per-item terms divided by the number of items of the whole
@@ -25,6 +25,12 @@ optimizer step (all gradient-accumulation micro-batches on all processes; items 
 for ShiQ, sequences for DRO and ShiQ with ``loss_reduction="sequence"``, pairs for DPO and CoPG),
 so the optimised and logged loss is the plain mean over the global batch, whatever the number of
 processes or accumulation steps.
+
+No host syncs in the step (issue 14): datasets are validated once in :meth:`prepare_dataset` (token
+ids, masks, finite rewards), so the step runs the losses and the kernel under
+:func:`shiq_lab.losses.trusted_inputs`; the collator computes the response positions on the host
+(``action_positions``); metrics are summed as device tensors and read once per logging step, each
+weighted by the unit its loss declares (``LossOutput.metric_reduction``), never by its name.
 
 Choices stated here:
 
@@ -46,10 +52,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from typing import Any
 
+import numpy as np
 import torch
 from datasets import Dataset
 from torch import nn
@@ -58,8 +64,18 @@ from transformers import Trainer, TrainingArguments
 from shiq_lab.data.batch import ShiQCollator, group_by_prompt
 from shiq_lab.data.encode import tokenize_dataset
 from shiq_lab.data.rewards import normalize_rewards
-from shiq_lab.lm.stats import causal_lm_parts, resolve_logits_mode, token_stats
-from shiq_lab.losses import copg_loss, dpo_loss, dro_loss, shiq_loss
+from shiq_lab.lm.modes import unwrap
+from shiq_lab.lm.stats import action_positions, causal_lm_parts, resolve_logits_mode, token_stats
+from shiq_lab.lm.value_head import (
+    VALUE_HEAD_FILE,
+    VALUE_HEAD_NAME,
+    ValueHead,
+    attach_value_head,
+    load_value_head,
+    save_value_head,
+    value_head_of,
+)
+from shiq_lab.losses import LOSSES, LossOutput, copg_loss, dpo_loss, dro_loss, shiq_loss, trusted_inputs
 from shiq_lab.reference.cache import precompute_reference
 from shiq_lab.train.config import ShiQConfig
 
@@ -67,24 +83,25 @@ __all__ = ["ShiQConfig", "ShiQTrainer", "ValueHead", "VALUE_HEAD_NAME", "VALUE_H
 
 logger = logging.getLogger(__name__)
 
-VALUE_HEAD_NAME = "shiq_value_head"
-VALUE_HEAD_FILE = "shiq_value_head.safetensors"
-_PAIRWISE = {"dpo": "preference", "copg": "all"}
 
 
 
 
-class ValueHead(nn.Module):
-    """DRO's V_phi(x): a zero-initialised linear map of the prompt's final hidden state, in fp32."""
+class _WithPositions:
+    """A collator whose batches also carry ``action_positions`` (:func:`shiq_lab.lm.stats.action_positions`).
 
-    def __init__(self, hidden_size: int):
-        super().__init__()
-        self.linear = nn.Linear(hidden_size, 1, dtype=torch.float32)
-        nn.init.zeros_(self.linear.weight)
-        nn.init.zeros_(self.linear.bias)
+    Computed here, on the host, before the batch moves to the device: the step then gathers the
+    response states with an index whose length the host already knows (no device sync).
+    """
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.linear(hidden.float()).squeeze(-1)
+    def __init__(self, collator: Any):
+        self.collator = collator
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.collator(features)
+        if "action_mask" in batch and "action_positions" not in batch:
+            batch["action_positions"] = action_positions(batch["action_mask"])
+        return batch
 
 
 class ShiQTrainer(Trainer):
@@ -129,14 +146,13 @@ class ShiQTrainer(Trainer):
 
             model = get_peft_model(model, peft_config)
         self.reward_stats: dict[str, float] = {"mean": 0.0, "std": 1.0}
-        self._metric_sums: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        # per split: running sums of metrics as device tensors, read once per logging step
+        self._metric_sums: dict[str, dict[str, torch.Tensor | float]] = {"train": {}, "eval": {}}
         self._last_log_time: float | None = None
 
         if args.loss_type == "dro":
             core, _, head = causal_lm_parts(model)
-            hidden_size = getattr(core.config, "hidden_size", None) or head.weight.shape[1]
-            if not hasattr(model, VALUE_HEAD_NAME):
-                setattr(model, VALUE_HEAD_NAME, ValueHead(hidden_size))
+            attach_value_head(model, getattr(core.config, "hidden_size", None) or head.weight.shape[1])
 
         # The reference statistics are computed where training will run (one process computes and
         # writes the cache, the others read it).
@@ -158,10 +174,14 @@ class ShiQTrainer(Trainer):
         del reference, ref_model
 
         if data_collator is None:
-            data_collator = ShiQCollator(processing_class.pad_token_id, pair_mode=_PAIRWISE.get(args.loss_type))
+            data_collator = ShiQCollator(processing_class.pad_token_id, pair_mode=LOSSES[args.loss_type].pairing)
+        data_collator = _WithPositions(data_collator)
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self._logits_mode = self._pick_logits_mode()
+        from shiq_lab.train.progress import install as _compact_logging
+
+        _compact_logging(self)  # one short line per logging step; TensorBoard events in output_dir
         # transformers < 5.2x has no loss_is_scaled_for_ga: it reads this flag to decide that the loss is
         # already normalised over the accumulated batch (compute_loss below does that for every model)
         self.model_accepts_loss_kwargs = True
@@ -190,12 +210,14 @@ class ShiQTrainer(Trainer):
             return ds
         if not isinstance(ds, Dataset) or not {"input_ids", "action_mask", "token_rewards"} <= set(ds.column_names):
             ds = tokenize_dataset(ds, tokenizer, max_length=args.max_length, truncation=args.truncation,
-                                  add_eos=args.add_eos, preference_rewards=(args.chosen_reward, args.rejected_reward))
+                                  add_eos=args.add_eos, preference_rewards=(args.chosen_reward, args.rejected_reward),
+                                  allow_zero_rewards=args.allow_zero_rewards)
         if args.reward_normalization != "none":
             ds, stats = normalize_rewards(ds, args.reward_normalization,
                                           stats=None if split == "train" else self.reward_stats)
             if split == "train":
                 self.reward_stats = stats
+        _check_rows(ds, reference, split)  # once per dataset: the step then checks nothing
         if not {"ref_logp", "ref_logz"} <= set(ds.column_names):
             with args.main_process_first(desc=f"reference statistics ({split})"):
                 ds = precompute_reference(
@@ -203,7 +225,7 @@ class ShiQTrainer(Trainer):
                     use_cache=args.use_ref_cache, stats_path=stats_path, reference_id=args.reference_id,
                     chunk_size=args.logits_chunk_size, logits_mode=args.logits_mode,
                     autocast_dtype=autocast_dtype(args))
-        if args.loss_type in _PAIRWISE:
+        if LOSSES[args.loss_type].pairwise:
             ds = group_by_prompt(ds)
             if args.loss_type == "dpo":
                 before = len(ds)
@@ -229,13 +251,15 @@ class ShiQTrainer(Trainer):
                 return "full"
         return resolve_logits_mode(self.model, mode)
 
-    def _loss_items(self, batch: dict[str, torch.Tensor]) -> int:
-        """Number of terms the loss averages over in one micro-batch."""
+    def _loss_items(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | int:
+        """Number of terms the loss averages over in one micro-batch (a device tensor for tokens: no sync)."""
         lt = self.args.loss_type
-        if lt in _PAIRWISE:
-            return int(batch["pairs"].shape[0])
+        if LOSSES[lt].pairwise:
+            return int(batch["pairs"].shape[0])  # a shape: known on the host
         if lt == "shiq" and self.args.loss_reduction == "token":
-            return int(batch["action_mask"][:, 1:].sum())
+            if "action_positions" in batch:
+                return int(batch["action_positions"].shape[0])
+            return batch["action_mask"][:, 1:].sum()
         return int(batch["input_ids"].shape[0])
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
@@ -252,7 +276,8 @@ class ShiQTrainer(Trainer):
         """Items of the whole optimizer step: every micro-batch, summed over processes."""
         if not batch_samples:
             return None
-        count = torch.tensor(float(sum(self._loss_items(b) for b in batch_samples)), device=device)
+        count = torch.stack([torch.as_tensor(self._loss_items(b), dtype=torch.float32, device=device).reshape(())
+                             for b in batch_samples]).sum()
         if self.args.world_size > 1 and self.args.average_tokens_across_devices:
             count = self.accelerator.gather(count.reshape(1)).sum()
         return count
@@ -264,29 +289,39 @@ class ShiQTrainer(Trainer):
                              "prepare_dataset; a custom collator must keep those columns")
         ids, am, mask = inputs["input_ids"], inputs["attention_mask"], inputs["action_mask"]
         a = self.args
-        logp, logz, hidden = token_stats(model, ids, am, mask, chunk_size=a.logits_chunk_size,
-                                         logits_mode=self._logits_mode, return_hidden=True)
-        lp, lz, m = logp[:, 1:], logz[:, 1:], mask[:, 1:]
-        rlp, rlz, r = inputs["ref_logp"][:, 1:], inputs["ref_logz"][:, 1:], inputs["token_rewards"][:, 1:]
-        count = self._loss_items(inputs)
-        if a.loss_type in _PAIRWISE and count == 0:
-            # no pair on this process this step: a zero loss that still touches the graph (DDP)
-            return None, 0, (lp * m).sum() * 0.0
+        # the data were validated once per dataset (prepare_dataset): no value checks, hence no host syncs, here
+        with trusted_inputs():
+            logp, logz, hidden = token_stats(model, ids, am, mask, chunk_size=a.logits_chunk_size,
+                                             logits_mode=self._logits_mode, return_hidden=True,
+                                             positions=inputs.get("action_positions"))
+            lp, lz, m = logp[:, 1:], logz[:, 1:], mask[:, 1:]
+            rlp, rlz, r = inputs["ref_logp"][:, 1:], inputs["ref_logz"][:, 1:], inputs["token_rewards"][:, 1:]
+            count = self._loss_items(inputs)
+            if LOSSES[a.loss_type].pairwise and count == 0:  # count is a shape here: no sync
+                # no pair on this process this step: a zero loss that still touches the graph (DDP)
+                return None, 0, (lp * m).sum() * 0.0
+            out = self._loss(model, inputs, hidden, lp, lz, m, rlp, rlz, r)
+        self._record("train" if model.training else "eval", out, count, lp.detach(), rlp, m, am.sum(),
+                     n_pairs=int(inputs["pairs"].shape[0]) if "pairs" in inputs else 0)
+        return out, count, None
+
+    def _loss(self, model: nn.Module, inputs: dict[str, torch.Tensor], hidden: torch.Tensor, lp: torch.Tensor,
+              lz: torch.Tensor, m: torch.Tensor, rlp: torch.Tensor, rlz: torch.Tensor, r: torch.Tensor) -> LossOutput:
+        a = self.args
         if a.loss_type == "shiq":
             out = shiq_loss(lp, lz, rlp, rlz, r, m, beta=a.beta, horizon=a.horizon,
                             detach_bootstrap=a.detach_bootstrap, reduction=a.loss_reduction)
-        elif a.loss_type == "dpo":
+            return out
+        if a.loss_type == "dpo":
             pairs = inputs["pairs"]
-            out = dpo_loss(lp, rlp, m, beta=a.beta, chosen=pairs[:, 0], rejected=pairs[:, 1])
-        elif a.loss_type == "copg":
-            out = copg_loss(lp, rlp, r, m, beta=a.beta, pairs=inputs["pairs"])
-        else:  # dro
-            head = getattr(_unwrap(model), VALUE_HEAD_NAME)
-            rows = torch.arange(ids.shape[0], device=ids.device)
-            prompt_state = hidden[rows, inputs["prompt_length"] - 1].detach()
-            out = dro_loss(lp, rlp, r, m, head(prompt_state), beta=a.beta)
-        self._record("train" if model.training else "eval", out, count, lp.detach(), rlp, m, int(am.sum()))
-        return out, count, None
+            return dpo_loss(lp, rlp, m, beta=a.beta, chosen=pairs[:, 0], rejected=pairs[:, 1])
+        if a.loss_type == "copg":
+            return copg_loss(lp, rlp, r, m, beta=a.beta, pairs=inputs["pairs"])
+        # dro
+        head = value_head_of(model)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        prompt_state = hidden[rows, inputs["prompt_length"] - 1].detach()
+        return dro_loss(lp, rlp, r, m, head(prompt_state), beta=a.beta)
 
     def compute_loss(
         self,
@@ -320,43 +355,54 @@ class ShiQTrainer(Trainer):
     # metrics and logging
     # ------------------------------------------------------------------------------------------
 
-    def _record(self, split: str, out: Any, count: int, lp: torch.Tensor, rlp: torch.Tensor, m: torch.Tensor,
-                tokens: int) -> None:
+    def _record(self, split: str, out: LossOutput, count: torch.Tensor | int, lp: torch.Tensor, rlp: torch.Tensor,
+                m: torch.Tensor, tokens: torch.Tensor, *, n_pairs: int = 0) -> None:
+        """Add this micro-batch's metrics to the running sums, as device tensors (no host sync)."""
         sums = self._metric_sums[split]
         with torch.no_grad():
-            lr = torch.where(m.bool(), lp - rlp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+            bm = m.bool()
+            zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+            lr = torch.where(bm, lp - rlp, zero)
             # r ln r - r + 1 (r = pi/ref): unbiased for KL(pi||ref) under ref's samples (E_ref[r] = 1),
             # and never negative term by term
             ratio = lr.exp()
-            kl = torch.where(m.bool(), ratio * lr - ratio + 1, torch.zeros((), dtype=lp.dtype, device=lp.device)).sum(1)
-            n_seq = float(m.shape[0])
-            add = {"kl": float(kl.sum()), "logratio": float(lr.sum()), "sequences": n_seq, "tokens": float(tokens),
-                   "items": float(count)}
-        for k, v in out.metrics.items():
-            if k in ("loss", "logratio_seq_mean"):  # the loss itself is logged by Trainer, logratio above
-                continue
-            # per-sequence means add up weighted by sequences, the others by the loss's items (tokens,
-            # sequences or pairs), so a logged mean is the global batch's whatever the split
-            per_sequence = "_seq_" in k or k.startswith(("first_", "value"))
-            add[("s:" if per_sequence else "i:") + k] = v * (n_seq if per_sequence else count)
+            kl = torch.where(bm, ratio * lr - ratio + 1, zero).sum(1)
+            n_seq = m.shape[0]
+            # each metric is a mean over its declared unit: weight it by that unit's count here, so a
+            # logged mean is the global batch's whatever the split into micro-batches and processes
+            units = {"token": bm.sum(), "sequence": n_seq, "pair": n_pairs}
+            add: dict[str, torch.Tensor | float] = {"kl": kl.sum(), "logratio": lr.sum(), "sequences": float(n_seq),
+                                                    "tokens": tokens, "items": count}
+            for k, v in out.metrics.items():
+                if k in ("loss", "logratio_seq_mean"):  # the loss itself is logged by Trainer, logratio above
+                    continue
+                unit = out.metric_reduction[k]
+                add[f"{unit}:{k}"] = v * units[unit]
+                add[f"n:{unit}"] = units[unit]
         for k, v in add.items():
             sums[k] = sums.get(k, 0.0) + v
 
     def _metrics(self, split: str) -> dict[str, float]:
-        """Averages of the recorded metrics since the last call, over all processes."""
+        """Averages of the recorded metrics since the last call, over all processes (the one host sync)."""
         sums = self._metric_sums[split]
+        self._metric_sums[split] = {}
+        if not sums:
+            return {}
         keys = sorted(sums)
+        device = self.args.device
+        t = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device).reshape(()) for k in keys])
         if self.args.world_size > 1:
             # every process logs at the same steps, so they all hold the same keys
-            t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=self.args.device)
             t = self.accelerator.reduce(t, reduction="sum")
-            sums = dict(zip(keys, t.tolist()))
-        self._metric_sums[split] = {}
-        if not sums or sums.get("sequences", 0) == 0:
+        sums = dict(zip(keys, t.tolist()))
+        if sums.get("sequences", 0) == 0:
             return {}
-        n_seq, items = sums["sequences"], max(sums["items"], 1.0)
+        n_seq = sums["sequences"]
         logs = {"kl": sums["kl"] / n_seq, "logratio": sums["logratio"] / n_seq}
-        logs.update({k[2:]: v / (n_seq if k[0] == "s" else items) for k, v in sums.items() if k[:2] in ("s:", "i:")})
+        for k, v in sums.items():
+            unit, _, name = k.partition(":")
+            if unit in ("token", "sequence", "pair"):
+                logs[name] = v / max(sums[f"n:{unit}"], 1.0)
         if split == "train":
             now = time.perf_counter()
             if self._last_log_time is not None and now > self._last_log_time:
@@ -369,18 +415,63 @@ class ShiQTrainer(Trainer):
             logs = {**logs, **self._metrics("train")}
         super().log(logs, start_time)
 
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        # A tied output layer (lm_head.weight is embed_tokens.weight) is not in the checkpoint: loading the
+        # embeddings loads it too, so it is not a missing key (transformers warned on every resume)
+        missing = list(getattr(load_result, "missing_keys", []) or [])
+        if missing:
+            by_storage: dict[int, list[str]] = {}
+            for name, param in unwrap(self.model).named_parameters(remove_duplicate=False):
+                by_storage.setdefault(param.data_ptr(), []).append(name)
+            tied = {n for names in by_storage.values() if len(names) > 1 for n in names}
+            load_result = load_result._replace(missing_keys=[k for k in missing if k not in tied])
+        super()._issue_warnings_after_load(load_result)
+
     def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: Any = None) -> torch.Tensor:
         if self._last_log_time is None:
             self._last_log_time = time.perf_counter()
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def evaluation_loop(self, *args: Any, **kwargs: Any):
+    def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
         self._metric_sums["eval"] = {}
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                         ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         for k, v in self._metrics("eval").items():
-            output.metrics[f"{prefix}_{k}"] = v
+            output.metrics[f"{metric_key_prefix}_{k}"] = v
         return output
+
+    # ------------------------------------------------------------------------------------------
+    # runs: resume checks and the run record (shiq_lab.train.runs, issue 12)
+    # ------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial: Any = None,
+              ignore_keys_for_eval: list[str] | None = None, *, run_fields: dict[str, Any] | None = None,
+              **kwargs: Any):
+        """``Trainer.train``, resuming only a valid checkpoint of this run, with the whole run's ``training_loss``.
+
+        ``resume_from_checkpoint=True`` (or ``"last"``) takes the newest *valid* checkpoint of
+        ``output_dir`` (broken ones, left by a killed save, are skipped with a warning); a checkpoint
+        whose run record differs from this config is refused, naming the fields. ``run_fields``:
+        extra fields for the record (the CLI's model and data). See :mod:`shiq_lab.train.runs`. A DRO
+        run's value head is restored from the checkpoint's :data:`VALUE_HEAD_FILE`.
+        """
+        from shiq_lab.train import runs
+
+        resume = runs.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        if resume is not None:
+            # DRO: the value head lives in its own file; the model's weights (which do not hold it) are then
+            # loaded by Trainer without touching it
+            load_value_head(self.model, resume)
+        record = runs.run_record(self.args, run_fields, train_dataset=self.train_dataset)
+        runs.begin(self.args, record, resume)
+        self.callback_handler.callbacks = [cb for cb in self.callback_handler.callbacks
+                                           if not isinstance(cb, runs.RunRecordCallback)]
+        self.add_callback(runs.RunRecordCallback(record))
+        start = runs.checkpoint_step(resume) if resume is not None else 0
+        output = super().train(resume_from_checkpoint=resume, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                               **kwargs)
+        return runs.whole_run_loss(output, self.state.log_history, start)
 
     # ------------------------------------------------------------------------------------------
     # DRO value head: optimiser group, save, resume
@@ -388,7 +479,7 @@ class ShiQTrainer(Trainer):
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         optimizer = super().create_optimizer(model) if model is not None else super().create_optimizer()
-        head = getattr(_unwrap(self.model), VALUE_HEAD_NAME, None)
+        head = value_head_of(self.model)
         lr = self.args.value_head_learning_rate
         if head is not None and lr is not None:
             ids = {id(p) for p in head.parameters()}
@@ -397,40 +488,12 @@ class ShiQTrainer(Trainer):
             optimizer.add_param_group({"params": list(head.parameters()), "lr": lr, "weight_decay": 0.0})
         return optimizer
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
-        holder = _unwrap(self.model)
-        head = holder._modules.pop(VALUE_HEAD_NAME, None)
-        try:
-            if state_dict is not None:
-                state_dict = {k: v for k, v in state_dict.items() if VALUE_HEAD_NAME not in k}
-            super()._save(output_dir, state_dict=state_dict)
-        finally:
-            if head is not None:
-                holder._modules[VALUE_HEAD_NAME] = head
-        if head is not None and self.args.should_save:
-            from safetensors.torch import save_file
-
-            os.makedirs(output_dir, exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-                      os.path.join(output_dir, VALUE_HEAD_FILE))
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        holder = _unwrap(model if model is not None else self.model)
-        head = holder._modules.pop(VALUE_HEAD_NAME, None)
-        try:
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-        finally:
-            if head is not None:
-                holder._modules[VALUE_HEAD_NAME] = head
-        path = os.path.join(resume_from_checkpoint, VALUE_HEAD_FILE)
-        if head is not None:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{resume_from_checkpoint} has no {VALUE_HEAD_FILE}: it was not written by a "
-                                        "dro run, so the value head cannot be resumed")
-            from safetensors.torch import load_file
-
-            head.load_state_dict(load_file(path, device=str(next(head.parameters()).device)))
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model (a plain checkpoint: the value head is in its ``_keys_to_ignore_on_save``) and,
+        for DRO, the value head next to it as :data:`VALUE_HEAD_FILE`. Checkpoints come through here too."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            save_value_head(self.model, output_dir if output_dir is not None else self.args.output_dir)
 
 
 def autocast_dtype(args: TrainingArguments) -> torch.dtype | None:
@@ -438,10 +501,40 @@ def autocast_dtype(args: TrainingArguments) -> torch.dtype | None:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+def _check_rows(ds: Dataset, model: nn.Module, split: str) -> None:
+    """Validate a prepared dataset once (so the step need not): 0/1 action masks with a response token,
+    finite rewards on response tokens, token ids in the model's vocabulary. Errors name the row and the fix.
+
+    Vectorised over the flattened Arrow columns (one row per sequence: this runs before group_by_prompt).
+    """
+    try:
+        vocab: int | None = int(causal_lm_parts(model)[2].weight.shape[0])
+    except (TypeError, AttributeError):
+        vocab = None
+    table = (ds.flatten_indices() if getattr(ds, "_indices", None) is not None else ds).data.table
+    cols = {k: table.column(k).combine_chunks() for k in ("input_ids", "action_mask", "token_rewards")}
+    offsets = cols["input_ids"].offsets.to_numpy()
+    ids, mask, rewards = (cols[k].flatten().to_numpy(zero_copy_only=False) for k in cols)
+    row_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    action = mask != 0
+    action[offsets[:-1][np.diff(offsets) > 0]] = False  # position 0 of a row has no state before it
+
+    def fail(bad: np.ndarray, what: str) -> None:
+        if bad.any():
+            k = int(np.flatnonzero(bad)[0])
+            row = int(row_of[k])
+            raise ValueError(f"{split} dataset, row {row}, position {k - int(offsets[row])}: {what}")
+
+    fail((mask != 0) & (mask != 1), "action_mask must hold only 0 and 1 (1 on tokens the policy generated)")
+    empty = np.bincount(row_of[action], minlength=len(offsets) - 1) == 0
+    if empty.any():
+        raise ValueError(f"{split} dataset, row {int(np.flatnonzero(empty)[0])}: no response token after the first "
+                         "position: drop the row (an empty response has nothing to learn)")
+    fail((mask != 0) & ~np.isfinite(rewards.astype(np.float64)), "token_rewards are not finite on a response token: "
+         "fix or drop the row")
+    if vocab is not None:
+        fail(action & ((ids < 0) | (ids >= vocab)), f"a token id is not in [0, {vocab}) (the model's vocabulary): "
+             "tokenise the data with the model's own tokenizer")
 
 
 def _place(model: nn.Module, args: ShiQConfig) -> torch.device | None:

@@ -2,15 +2,20 @@
 
 Figures take a :func:`shiq_lab.views.token_values.token_values` frame:
 
-- :func:`token_strip`: each response as a grid of coloured tokens (one quantity, diverging scale
-  centred on 0 and shared by all responses shown; hover shows every quantity; environment tokens
-  grey; every turn starts on a new line).
+- :func:`token_strip`: each response as a grid of coloured tokens (one quantity on one scale shared
+  by all responses shown: diverging and centred on 0 for signed quantities, sequential from 0 for
+  KL and probabilities; hover shows every quantity; environment tokens grey; every turn starts on a
+  new line).
 - :func:`value_lines`: quantities by position for one response.
 - :func:`topk_bars`: the top-k alternatives at one position: their Q-values and probabilities.
 
+:func:`token_html`: the same strip as static HTML (inline coloured tokens, no JavaScript): the
+explorer's snapshot for copies of executed notebooks.
+
 :func:`configure_plotly` (called by ``setup_notebook``) renders figures with the plotly.js bundled
-in the installed packages (JupyterLab's plotly extension; no CDN) and adds a static PNG copy
+in the installed packages (JupyterLab's plotly extension; no CDN) and adds a static SVG copy
 through kaleido when a chromium is installed, so executed notebooks show figures anywhere.
+Colours, legends and widths follow :mod:`shiq_lab.views.style`.
 """
 
 from __future__ import annotations
@@ -26,14 +31,19 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from shiq_lab.views.style import DIVERGING, ENV_COLOUR, SEQUENTIAL, format_beta, responsive
+
 __all__ = [
+    "NON_NEGATIVE",
     "QUANTITIES",
     "chromium_path",
+    "colour_of",
     "configure_plotly",
     "display_token",
+    "token_html",
     "token_strip",
-    "value_lines",
     "topk_bars",
+    "value_lines",
 ]
 
 #: quantity column -> label used in figures
@@ -45,10 +55,12 @@ QUANTITIES = {
     "residual": "ShiQ residual δ",
     "log_ratio": "log-ratio ln π/π_ref",
     "kl": "KL(π‖π_ref) (nats)",
+    "prob": "probability π(a|s)",
 }
 
-_ENV_COLOUR = "#d9d9d9"
-_DIVERGING = "RdBu"
+#: quantities that are never negative: drawn on a sequential scale from 0
+NON_NEGATIVE = frozenset({"kl", "prob"})
+_ENV_COLOUR = ENV_COLOUR
 
 
 def chromium_path() -> str | None:
@@ -62,35 +74,48 @@ def chromium_path() -> str | None:
     return None
 
 
-def _png_renderer():
-    """A PNG renderer that starts one kaleido browser on first use and never breaks a notebook."""
-    from plotly.io._base_renderers import PngRenderer
+#: width of the static SVG copy of a responsive figure (it scales down with its container: the SVG has a viewBox)
+STATIC_WIDTH = 900
 
-    class LazyServerPng(PngRenderer):
+
+def _svg_renderer(browser: str | None = None):
+    """An SVG renderer that starts one kaleido browser (``browser``: its executable) on first use and never
+    breaks a notebook.
+
+    The SVG is the static copy for viewers without plotly.js (nbconvert, GitHub): JupyterLab's plotly
+    extension ignores it and draws the interactive figure at the output area's width at once (a PNG
+    in the bundle would be shown first, at its fixed size, cropping legends and colour bars).
+    """
+    from plotly.io._base_renderers import SvgRenderer
+
+    class LazyServerSvg(SvgRenderer):
         failed = False
         started = False
 
         def to_mimebundle(self, fig_dict):
-            if LazyServerPng.failed:
+            if LazyServerSvg.failed:
                 return {}
             try:
                 import kaleido
 
-                if not LazyServerPng.started:
+                if not LazyServerSvg.started:
                     # One browser for all figures of the session (~0.3 s a figure instead of ~4 s).
-                    kaleido.start_sync_server(silence_warnings=True)
+                    # the browser's path goes to kaleido directly: the process environment stays the caller's
+                    kaleido.start_sync_server(silence_warnings=True, **({"path": browser} if browser else {}))
                     atexit.register(kaleido.stop_sync_server, silence_warnings=True)
-                    LazyServerPng.started = True
+                    LazyServerSvg.started = True
+                width = (fig_dict.get("layout") or {}).get("width") or STATIC_WIDTH
+                self.width = width
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="The kopts argument is ignored")
                     return super().to_mimebundle(fig_dict)
-            except Exception as err:  # a static copy is a convenience: the interactive figure still shows
-                LazyServerPng.failed = True
-                warnings.warn(f"PNG copies of figures are off ({type(err).__name__}: {err}); interactive figures "
+            except Exception as err:  # noqa: BLE001 -- a static copy is a convenience: the interactive figure still shows
+                LazyServerSvg.failed = True
+                warnings.warn(f"static copies of figures are off ({type(err).__name__}: {err}); interactive figures "
                               "are unaffected", stacklevel=2)
                 return {}
 
-    return LazyServerPng(width=1000, scale=1)
+    return LazyServerSvg(width=STATIC_WIDTH)
 
 
 def _html_renderer():
@@ -116,31 +141,37 @@ def _in_kernel() -> bool:
     return shell is not None and hasattr(shell, "kernel")
 
 
-def configure_plotly(*, png: bool | None = None) -> str:
+def configure_plotly(*, static: bool | None = None, png: bool | None = None) -> str:
     """Make plotly figures work offline in notebooks; returns the default renderer's name.
 
     Interactive figures use the ``plotly_mimetype`` bundle, which JupyterLab, Notebook 7 and VS
-    Code draw with their bundled plotly.js. With ``png`` (default: when kaleido and a chromium are
-    installed) each figure also carries a PNG, so an executed notebook shows its figures in static
-    viewers; without it, inside a kernel, an offline HTML copy is added instead (plotly.js inlined
-    once into the output of the cell that calls this; no CDN, no MathJax).
+    Code draw with their bundled plotly.js at the width of the output area. With ``static``
+    (default: when kaleido and a chromium are installed) each figure also carries an SVG copy, so
+    an executed notebook shows its figures in static viewers; without it, inside a kernel, an
+    offline HTML copy is added instead (plotly.js inlined once into the output of the cell that
+    calls this; no CDN, no MathJax). The project's template (:func:`shiq_lab.views.style.template`:
+    responsive width, legend below the plot) is the default on top of ``plotly_white``.
     """
     import plotly.io as pio
 
+    from shiq_lab.views.style import template
+
+    if png is not None:  # the old name of the switch (the static copy was a PNG then)
+        static = png if static is None else static
+
     browser = chromium_path()
-    if browser:
-        os.environ.setdefault("BROWSER_PATH", browser)  # where kaleido (choreographer) looks first
-    if png is None:
+    if static is None:
         try:
             import kaleido  # noqa: F401
 
-            png = browser is not None
+            static = browser is not None
         except ImportError:
-            png = False
-    pio.templates.default = "plotly_white"
-    if png:
-        pio.renderers["shiq_png"] = _png_renderer()
-        pio.renderers.default = "plotly_mimetype+shiq_png"
+            static = False
+    pio.templates["shiq"] = template()
+    pio.templates.default = "plotly_white+shiq"
+    if static:
+        pio.renderers["shiq_svg"] = _svg_renderer(browser)
+        pio.renderers.default = "plotly_mimetype+shiq_svg"
     elif _in_kernel():
         pio.renderers["shiq_html"] = _html_renderer()
         pio.renderers.default = "plotly_mimetype+shiq_html"
@@ -193,19 +224,47 @@ def _layout_lines(rows: pd.DataFrame, tokens_per_line: int) -> tuple[np.ndarray,
     return np.asarray(line), np.asarray(col), labels
 
 
+def _scale(values: np.ndarray, quantity: str, zmax: float | None, signed: bool | None = None) -> tuple[float, float, str]:
+    """(cmin, cmax, colorscale) of ``quantity``: from 0 for non-negative ones, symmetric about 0 otherwise."""
+    finite = values[np.isfinite(values)]
+    if zmax is None:
+        top = float(np.abs(finite).max()) if finite.size else 0.0
+        zmax = top if top > 0 else 1.0
+    if quantity in NON_NEGATIVE and not signed:
+        return 0.0, (1.0 if quantity == "prob" else zmax), SEQUENTIAL
+    return -zmax, zmax, DIVERGING
+
+
+def colour_of(value: float, cmin: float, cmax: float, colorscale: str) -> str:
+    """The hex colour plotly gives ``value`` on ``colorscale`` over ``[cmin, cmax]`` (NaN: environment grey)."""
+    from plotly.colors import get_colorscale, sample_colorscale
+
+    if not np.isfinite(value):
+        return _ENV_COLOUR
+    x = float(np.clip((value - cmin) / (cmax - cmin), 0.0, 1.0)) if cmax > cmin else 0.5
+    rgb = sample_colorscale(get_colorscale(colorscale), [x], colortype="tuple")[0]
+    r, g, b = (round(255 * c) if c <= 1 else round(c) for c in rgb)
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
 def token_strip(
     df: pd.DataFrame,
     quantity: str = "advantage",
     *,
     responses: Sequence[int] | None = None,
     titles: Sequence[str] | None = None,
-    tokens_per_line: int = 12,
+    tokens_per_line: int = 8,
     zmax: float | None = None,
+    title: str | None = None,
+    signed: bool | None = None,
 ) -> go.Figure:
-    """Responses as coloured token grids for one quantity, side by side on one colour scale.
+    """Responses as coloured token grids for one quantity, one above the other, on one colour scale.
 
-    ``responses`` picks which responses (default: all, in order), ``titles`` names them.
-    The colour scale is centred on 0 and spans ``±zmax`` (default: the largest |value| shown).
+    ``responses`` picks which responses (default: all, in order), ``titles`` names them. Signed
+    quantities use a diverging scale centred on 0 over ``±zmax`` (default: the largest |value|
+    shown); KL and probabilities a sequential one from 0 (to ``zmax``; probabilities to 1).
+    Environment tokens are grey, distinct from the scale's colour of 0. ``signed=True`` forces the
+    diverging scale (differences of KL between two checkpoints are signed).
     """
     _check_frame(df, quantity)
     responses = list(dict.fromkeys(df["response"])) if responses is None else list(responses)
@@ -218,18 +277,18 @@ def token_strip(
     if len(titles) != len(responses):
         raise ValueError(f"{len(titles)} titles for {len(responses)} responses")
     shown = df[df["response"].isin(responses) & df["is_policy"]][quantity].to_numpy(dtype=float)
-    if zmax is None:
-        finite = np.abs(shown[np.isfinite(shown)])
-        zmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+    cmin, cmax, colorscale = _scale(shown, quantity, zmax, signed)
 
-    fig = make_subplots(rows=1, cols=len(responses), subplot_titles=titles, horizontal_spacing=0.07)
-    max_lines = 1
+    # one panel per response, stacked: each gets the full width, so the token text stays inside its cell
+    laid = [(_layout_lines(df[df["response"] == r].sort_values("step"), tokens_per_line)) for r in responses]
+    n_lines = [int(line.max()) + 1 for line, _, _ in laid]
+    fig = make_subplots(rows=len(responses), cols=1, subplot_titles=[_short(t, 90) for t in titles],
+                        vertical_spacing=min(0.3, 60 / (80 + 38 * sum(n_lines) + 60 * len(responses))),
+                        row_heights=[float(n) for n in n_lines])
     for k, r in enumerate(responses, start=1):
         rows = df[df["response"] == r].sort_values("step")
-        line, col, labels = _layout_lines(rows, tokens_per_line)
-        n_lines = int(line.max()) + 1
-        max_lines = max(max_lines, n_lines)
-        shape = (n_lines, tokens_per_line)
+        line, col, labels = laid[k - 1]
+        shape = (n_lines[k - 1], tokens_per_line)
         z = np.full(shape, np.nan)
         z_env = np.full(shape, np.nan)
         text = np.full(shape, "", dtype=object)
@@ -243,26 +302,73 @@ def token_strip(
                 z[line[i], col[i]] = values[i]
             else:
                 z_env[line[i], col[i]] = 0.0
-        common = dict(text=text, texttemplate="%{text}", hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
-                      xgap=2, ygap=2, textfont={"size": 11})
-        fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", name=f"{titles[k - 1]}: {quantity}", **common), 1, k)
+        common = {"text": text, "texttemplate": "%{text}", "hovertext": hover, "hovertemplate": "%{hovertext}<extra></extra>",
+                  "xgap": 2, "ygap": 2, "textfont": {"size": 13}}
+        fig.add_trace(go.Heatmap(z=z, coloraxis="coloraxis", name=f"{titles[k - 1]}: {quantity}", **common), k, 1)
         if np.isfinite(z_env).any():
             fig.add_trace(go.Heatmap(z=z_env, colorscale=[[0, _ENV_COLOUR], [1, _ENV_COLOUR]], showscale=False,
-                                     zmin=0, zmax=1, name=f"{titles[k - 1]}: environment", **common), 1, k)
+                                     zmin=0, zmax=1, name=f"{titles[k - 1]}: environment", **common), k, 1)
         fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, range=[-0.5, tokens_per_line - 0.5],
-                         row=1, col=k)
-        fig.update_yaxes(showgrid=False, zeroline=False, tickmode="array", tickvals=list(range(n_lines)),
-                         ticktext=labels, row=1, col=k)
-    # same line height in every panel: each y axis spans the longest response's lines, top to bottom
-    fig.update_yaxes(range=[max_lines - 0.5, -0.5])
+                         row=k, col=1)
+        fig.update_yaxes(showgrid=False, zeroline=False, tickmode="array", tickvals=list(range(n_lines[k - 1])),
+                         ticktext=labels, range=[n_lines[k - 1] - 0.5, -0.5], row=k, col=1)
+    scale = {"colorscale": colorscale, "cmin": cmin, "cmax": cmax,
+             "colorbar": {"title": {"text": QUANTITIES[quantity], "side": "right"}, "thickness": 14}}
+    if colorscale == DIVERGING:
+        scale["cmid"] = 0.0
     fig.update_layout(
-        coloraxis={"colorscale": _DIVERGING, "cmid": 0.0, "cmin": -zmax, "cmax": zmax,
-                   "colorbar": {"title": {"text": QUANTITIES[quantity]}}},
-        height=120 + 34 * max_lines, margin={"l": 70, "r": 20, "t": 50, "b": 20},
-        title={"text": f"{QUANTITIES[quantity]} per token (β={df.attrs.get('beta', float('nan')):g}); grey: environment tokens",
-               "font": {"size": 14}},
+        coloraxis=scale,
+        height=90 + 38 * sum(n_lines) + 60 * len(responses), margin={"l": 70, "r": 20, "t": 84, "b": 20},
+        title={"text": title or f"{QUANTITIES[quantity]} per token (β={format_beta(df.attrs.get('beta', float('nan')))})"
+                                "<br><sup>grey: environment tokens</sup>", "font": {"size": 14}},
     )
-    return fig
+    return responsive(fig, legend="none")
+
+
+def _short(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def token_html(
+    df: pd.DataFrame,
+    quantity: str = "advantage",
+    *,
+    responses: Sequence[int] | None = None,
+    titles: Sequence[str] | None = None,
+    zmax: float | None = None,
+    caption: str = "",
+    signed: bool | None = None,
+) -> str:
+    """The token strip as static HTML: each response's tokens inline, coloured like :func:`token_strip`.
+
+    Needs no JavaScript, so it shows in any copy of an executed notebook; the text wraps with its
+    container and each token's title attribute holds its value.
+    """
+    import html
+
+    _check_frame(df, quantity)
+    responses = list(dict.fromkeys(df["response"])) if responses is None else list(responses)
+    titles = list(titles) if titles is not None else [f"response {r}" for r in responses]
+    shown = df[df["response"].isin(responses) & df["is_policy"]][quantity].to_numpy(dtype=float)
+    cmin, cmax, colorscale = _scale(shown, quantity, zmax, signed)
+    parts = ["<div class='shiq-static-strip' style='font-family:monospace;font-size:14px;line-height:1.9'>"]
+    if caption:
+        parts.append(f"<div style='font-family:sans-serif;font-size:13px;color:#444'>{html.escape(caption)}</div>")
+    parts.append(f"<div style='font-family:sans-serif;font-size:12px;color:#444'>{html.escape(QUANTITIES[quantity])}: "
+                 f"{colorscale} scale from {cmin:+.3g} to {cmax:+.3g}; grey: environment tokens</div>")
+    for r, title in zip(responses, titles):
+        rows = df[df["response"] == r].sort_values("step")
+        spans = []
+        for tok, pol, value in zip(rows["token"], rows["is_policy"], rows[quantity].to_numpy(dtype=float)):
+            colour = colour_of(value, cmin, cmax, colorscale) if pol else _ENV_COLOUR
+            tip = f"{QUANTITIES[quantity]} = {value:+.4f}" if pol and np.isfinite(value) else "environment token"
+            border = "1px solid #999" if pol else "1px dashed #666"
+            spans.append(f"<span title='{html.escape(tip, quote=True)}' style='background:{colour};border:{border};"
+                         f"padding:1px 3px;margin:1px;border-radius:3px;white-space:pre-wrap'>"
+                         f"{html.escape(display_token(tok))}</span>")
+        parts.append(f"<div><i style='font-family:sans-serif'>{html.escape(title)}</i><br>{''.join(spans)}</div>")
+    parts.append("</div>")
+    return "".join(parts)
 
 
 def value_lines(
@@ -285,9 +391,9 @@ def value_lines(
             fig.add_vrect(x0=s - 0.5, x1=s + 0.5, fillcolor=_ENV_COLOUR, opacity=0.5, line_width=0, layer="below")
     fig.update_xaxes(tickmode="array", tickvals=steps, ticktext=[display_token(t) for t in rows["token"]], tickangle=-60)
     fig.add_hline(y=0, line_color="black", line_width=1)
-    fig.update_layout(title=f"response {response}: values by position (β={df.attrs.get('beta', float('nan')):g})",
-                      height=380, yaxis_title="reward units (KL in nats)", margin={"t": 50, "b": 90})
-    return fig
+    fig.update_layout(title=f"response {response}: values by position (β={format_beta(df.attrs.get('beta', float('nan')))})",
+                      height=420, yaxis_title="reward units (KL in nats)", margin={"t": 50})
+    return responsive(fig)
 
 
 def topk_bars(df: pd.DataFrame, response: int = 0, step: int = 0) -> go.Figure:
@@ -300,7 +406,7 @@ def topk_bars(df: pd.DataFrame, response: int = 0, step: int = 0) -> go.Figure:
     if rows.empty:
         raise ValueError(f"no row for response={response}, step={step}")
     row = rows.iloc[0]
-    ids = list(int(i) for i in row["topk_ids"])
+    ids = [int(i) for i in row["topk_ids"]]
     labels = [display_token(t) for t in row["topk_tokens"]]
     q = list(np.asarray(row["topk_q"], dtype=float))
     p = list(np.asarray(row["topk_prob"], dtype=float))
@@ -322,6 +428,7 @@ def topk_bars(df: pd.DataFrame, response: int = 0, step: int = 0) -> go.Figure:
                          hovertemplate="%{x}: π_ref %{y:.4f}<extra></extra>"), 1, 2)
     fig.add_hline(y=float(row["v"]), line_dash="dash", line_color="black", row=1, col=1,
                   annotation_text=f"V(s) = {float(row['v']):+.3f}", annotation_position="top left")
-    fig.update_layout(barmode="group", height=360, margin={"t": 60},
-                      title=f"response {response}, step {step}: top-{len(row['topk_ids'])} alternatives (taken: {display_token(row['token'])})")
-    return fig
+    fig.update_layout(barmode="group", height=400, margin={"t": 60},
+                      title=f"response {response}, step {step}: top-{len(row['topk_ids'])} alternatives"
+                            f"<br><sup>taken: {display_token(row['token'])} (orange)</sup>")
+    return responsive(fig)

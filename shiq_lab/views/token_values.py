@@ -12,10 +12,17 @@ For the state ``s_t = (x, y_<t)`` before response token ``a_t = y_t`` (METHOD.md
 (``logp, ref_logp, logz, ref_logz``, top-k log-probs) are kept, so :func:`with_beta` moves beta
 without running a model again.
 
+The numbers: ``logp`` / ``logz`` of the taken tokens are :func:`shiq_lab.lm.stats.token_stats`'s,
+the very function (and so the very fp32 values) the trainer and the reference cache use; on the
+same row the residuals here are the trainer's (tests/test_seams.py). The top-k alternatives and
+the per-state KL need every vocabulary entry: they are read from the same forward pass's hidden
+states, ``chunk_tokens`` states at a time (:class:`shiq_lab.lm.stats.StateLogits`).
+
 Memory: responses are scored ``batch_size`` at a time; only the states of response tokens are
-kept (their last hidden state, [N, H]), and the output head runs on ``chunk_tokens`` of them at a
-time, so no [B, T, V] tensor is held beyond one chunk's [chunk, V]. A model whose output head
-cannot be reproduced from its hidden state (checked on every batch) falls back to its own logits.
+kept (their last hidden state, [N, H]), so no [B, T, V] tensor is held beyond one chunk's
+[chunk, V]. A model whose output layer is not a plain matrix next to its forward pass
+(:func:`shiq_lab.lm.stats.resolve_logits_mode`: soft-capping, an adapted or sharded output layer,
+a wrapper that post-processes logits) uses its own logits, with a warning.
 
 The reference is one of: a second model; the same model object (values are then exactly 0); a
 peft model's base (``reference=None`` or ``"disable_adapter"``: adapters disabled); or
@@ -31,14 +38,17 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from shiq_lab.data.inspect import EncodedResponse, Prompt, Response, encode_responses, pad_batch
+from shiq_lab.data.batch import batch_responses, pad_token_id
+from shiq_lab.data.encode import EncodedResponse, Prompt, Response, encode_responses
+from shiq_lab.lm.modes import as_reference, device_of, eval_mode, is_peft
+from shiq_lab.lm.stats import StateLogits, resolve_logits_mode, token_stats
 from shiq_lab.losses import shiq_loss
 
 __all__ = [
@@ -62,7 +72,7 @@ QUANTITY_COLUMNS = {
     "kl": "KL(pi(.|s) || pi_ref(.|s)), nats",
 }
 
-Rewards = Union[None, float, Sequence[float], Sequence[Sequence[float]], Callable[[Sequence[int]], Sequence[float]]]
+Rewards = None | float | Sequence[float] | Sequence[Sequence[float]] | Callable[[Sequence[int]], Sequence[float]]
 
 
 @dataclass
@@ -83,82 +93,59 @@ class ReferenceStats:
 
 
 class _LogitSource:
-    """Logits of selected states of one model, chunk by chunk (adapters optionally disabled)."""
+    """Per-token statistics of one model (:func:`shiq_lab.lm.stats.token_stats`) plus its states' full logits.
+
+    ``adapters_off``: the model's reference (a peft model with its adapters disabled, see
+    :func:`shiq_lab.lm.modes.as_reference`).
+    """
 
     def __init__(self, model: torch.nn.Module, *, adapters_off: bool = False) -> None:
         self.model = model
         self.adapters_off = adapters_off
-        self.device = next(model.parameters()).device
-        self.head_ok: bool | None = None  # None: not yet checked; False: the model needs its own logits
+        self.device = device_of(model)
+        self.mode = resolve_logits_mode(model)
+        self.head_ok = self.mode == "chunked"  # False: the model's own logits are kept (more memory)
+        if not self.head_ok:
+            warnings.warn(f"{type(model).__name__}: its logits are not a plain output layer applied to its last hidden "
+                          "state (or it is not a Hugging Face causal LM); using the full logits (more memory)",
+                          stacklevel=3)
 
     def context(self) -> contextlib.AbstractContextManager:
-        return self.model.disable_adapter() if self.adapters_off else contextlib.nullcontext()
+        return as_reference(self.model) if self.adapters_off else contextlib.nullcontext(self.model)
 
     @torch.no_grad()
     def states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, rb: torch.Tensor, rt: torch.Tensor) -> _States:
-        """Run the model once; keep the last hidden state (or, failing that, logits) at states (rb, rt)."""
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        rb, rt = rb.to(self.device), rt.to(self.device)
-        getter = getattr(self.model, "get_output_embeddings", None)
-        head = getter() if callable(getter) else None
-        with self.context():
-            if head is not None and self.head_ok is not False:
-                captured: dict[str, torch.Tensor] = {}
+        """Run the model once; keep logp / logz of the actions after states (rb, rt) and those states' logits.
 
-                def keep_last(module: torch.nn.Module, args: tuple) -> tuple | None:
-                    # Grab the hidden states and let the model project only the last position.
-                    if args and torch.is_tensor(args[0]) and args[0].dim() == 3:
-                        captured["h"] = args[0]
-                        return (args[0][:, -1:, :],) + tuple(args[1:])
-                    return None
-
-                handle = head.register_forward_pre_hook(keep_last)
-                try:
-                    out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                finally:
-                    handle.remove()
-                h = captured.get("h")
-                if h is not None and tuple(h.shape[:2]) == tuple(input_ids.shape) and out.logits.shape[1] == 1:
-                    # Only trust the hidden-state path if the head alone reproduces the model's logits.
-                    mine = head(h[:, -1:, :]).float()
-                    if mine.shape == out.logits.shape and torch.allclose(mine, out.logits.float(), rtol=1e-4, atol=1e-4):
-                        self.head_ok = True
-                        return _States(self, hidden=h[rb, rt])
-                self.head_ok = False
-                warnings.warn(f"{type(self.model).__name__}: its logits are not its output head applied to its last "
-                              "hidden state; using the full logits (more memory)", stacklevel=3)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            return _States(self, logits=out.logits[rb, rt])
+        (rb, rt) index the [B, T-1] layout of :class:`shiq_lab.data.inspect.PaddedBatch` (state t is
+        followed by token t+1), row-major, as ``torch.nonzero`` gives them.
+        """
+        L = input_ids.shape[1]
+        states = rb * L + rt
+        action_mask = torch.zeros(input_ids.shape, dtype=torch.long)
+        action_mask.view(-1)[states + 1] = 1
+        dev = self.device
+        ids, am = input_ids.to(dev), attention_mask.to(dev)
+        with self.context() as model:
+            logp, logz, cap = token_stats(model, ids, am, action_mask.to(dev), logits_mode=self.mode,
+                                          positions=(states + 1).to(dev), return_capture=True)
+        flat = states.to(dev) + 1
+        return _States(logp.view(-1)[flat], logz.view(-1)[flat], StateLogits(self.model, cap, states.to(dev)))
 
 
 class _States:
-    def __init__(self, source: _LogitSource, *, hidden: torch.Tensor | None = None, logits: torch.Tensor | None = None) -> None:
-        self.source, self.hidden, self.full = source, hidden, logits
+    """logp / logz of N selected actions (from the kernel) and their states' fp32 logits chunk by chunk."""
+
+    def __init__(self, logp: torch.Tensor, logz: torch.Tensor, logits: StateLogits) -> None:
+        self.logp, self.logz, self._logits = logp, logz, logits
+        self.hidden, self.full = logits.hidden, logits.full
 
     def __len__(self) -> int:
-        return len(self.hidden if self.hidden is not None else self.full)
+        return len(self.logp)
 
-    @torch.no_grad()
     def logits(self, i0: int, i1: int, device: torch.device) -> torch.Tensor:
         """fp32 [i1 - i0, V] logits of states i0..i1-1."""
-        if self.full is not None:
-            return self.full[i0:i1].to(device=device, dtype=torch.float32)
-        with self.source.context():
-            return self.source.model.get_output_embeddings()(self.hidden[i0:i1]).to(device=device, dtype=torch.float32)
-
-
-@contextlib.contextmanager
-def eval_mode(*models: torch.nn.Module | None) -> Iterator[None]:
-    """Models in eval mode (no dropout) for the duration; each gets its own mode back afterwards."""
-    models = tuple(m for m in models if m is not None)
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
+        return self._logits(i0, i1, device)
 
 
 def _resolve_reference(model: torch.nn.Module, reference: Any) -> Any:
@@ -166,8 +153,8 @@ def _resolve_reference(model: torch.nn.Module, reference: Any) -> Any:
         return "same"
     if isinstance(reference, ReferenceStats):
         return reference
-    if reference is None or reference == "disable_adapter":
-        if callable(getattr(model, "disable_adapter", None)) and hasattr(model, "peft_config"):
+    if reference is None or (isinstance(reference, str) and reference == "disable_adapter"):
+        if is_peft(model):
             return _LogitSource(model, adapters_off=True)
         raise ValueError("reference=None needs a peft model (the reference is the model with its adapters disabled); "
                          "pass reference=<a second model> (e.g. the checkpoint before fine-tuning), reference=model "
@@ -181,14 +168,15 @@ def _resolve_reference(model: torch.nn.Module, reference: Any) -> Any:
 def resolve_rewards(rewards: Rewards, encoded: Sequence[EncodedResponse]) -> list[np.ndarray]:
     """Per-response token rewards (0 on environment tokens) from any accepted form.
 
-    ``None``: 0 everywhere. A number, or one number per response: a sequence score on the last
-    policy token. One sequence per response: per-token rewards (length = response tokens). A
-    callable ``fn(token_ids) -> per-token rewards``, called on each response's tokens.
+    ``None``: the encoding's own rewards (a chat message's ``reward``, as in training; else 0). A
+    number, or one number per response: a sequence score on the last policy token. One sequence
+    per response: per-token rewards (length = response tokens). A callable
+    ``fn(token_ids) -> per-token rewards``, called on each response's tokens.
     """
     n = len(encoded)
     out: list[np.ndarray] = []
     if rewards is None:
-        return [np.zeros(e.n_rows) for e in encoded]
+        return [np.asarray(e.rewards, dtype=np.float64) for e in encoded]
     if callable(rewards):
         per = [np.asarray(rewards(e.row_ids), dtype=np.float64) for e in encoded]
     elif isinstance(rewards, (int, float)):
@@ -214,18 +202,15 @@ def resolve_rewards(rewards: Rewards, encoded: Sequence[EncodedResponse]) -> lis
     return out
 
 
-def _chunk_stats(pl: torch.Tensor, rl: torch.Tensor | None, actions: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
-    """Per-state numbers of one chunk of fp32 logits (policy ``pl``, reference ``rl`` or None)."""
-    logz = torch.logsumexp(pl, -1)
-    logp_all = pl - logz[:, None]
-    out = {"logz": logz, "logp": logp_all.gather(1, actions[:, None])[:, 0]}
+def _chunk_stats(pl: torch.Tensor, rl: torch.Tensor | None, top_k: int) -> dict[str, torch.Tensor]:
+    """Full-vocabulary numbers of one chunk of fp32 state logits (policy ``pl``, reference ``rl`` or None):
+    top-k alternatives and the per-state KL. The taken tokens' logp / logz come from ``token_stats``."""
+    logp_all = pl - torch.logsumexp(pl, -1)[:, None]
+    out: dict[str, torch.Tensor] = {}
     k = min(top_k, pl.shape[-1])
     out["topk_logp"], out["topk_ids"] = logp_all.topk(k, dim=-1)
     if rl is not None:
-        ref_logz = torch.logsumexp(rl, -1)
-        ref_all = rl - ref_logz[:, None]
-        out["ref_logz"] = ref_logz
-        out["ref_logp"] = ref_all.gather(1, actions[:, None])[:, 0]
+        ref_all = rl - torch.logsumexp(rl, -1)[:, None]
         out["topk_ref_logp"] = ref_all.gather(1, out["topk_ids"])
         out["kl"] = (logp_all.exp() * (logp_all - ref_all)).sum(-1)
     return out
@@ -244,7 +229,7 @@ def _score(
     """Yield (first response index of the batch, flat per-state arrays) batch by batch."""
     for b0 in range(0, len(encoded), batch_size):
         group = encoded[b0 : b0 + batch_size]
-        batch = pad_batch(group, pad_id)
+        batch = batch_responses(group, pad_id)
         rb, rt = torch.nonzero(batch.rows, as_tuple=True)  # row-major: response by response, in order
         actions = batch.actions[rb, rt].to(policy.device)
         pol = policy.states(batch.input_ids, batch.attention_mask, rb, rt)
@@ -253,12 +238,14 @@ def _score(
             ref = reference.states(batch.input_ids, batch.attention_mask, rb, rt)
         elif reference == "same":
             ref = pol
-        parts: dict[str, list[torch.Tensor]] = {}
+        parts: dict[str, list[torch.Tensor]] = {"logp": [pol.logp.cpu()], "logz": [pol.logz.cpu()]}
+        if ref is not None:
+            parts.update(ref_logp=[ref.logp.cpu()], ref_logz=[ref.logz.cpu()])
         for i0 in range(0, len(pol), chunk_tokens):
             i1 = min(i0 + chunk_tokens, len(pol))
             pl = pol.logits(i0, i1, policy.device)
             rl = pl if ref is pol else (ref.logits(i0, i1, policy.device) if ref is not None else None)
-            for key, value in _chunk_stats(pl, rl, actions[i0:i1], top_k).items():
+            for key, value in _chunk_stats(pl, rl, top_k).items():
                 parts.setdefault(key, []).append(value.cpu())
             del pl, rl
         flat = {k: torch.cat(v).numpy() for k, v in parts.items()}
@@ -302,11 +289,6 @@ def _check_sizes(beta: float, top_k: int, batch_size: int, chunk_tokens: int) ->
         raise ValueError(f"batch_size={batch_size}, chunk_tokens={chunk_tokens}: both must be >= 1")
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return 0 if pad is None else int(pad)
-
-
 def token_values(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -334,7 +316,7 @@ def token_values(
         reference: see the module docstring (second model, ``model`` itself, None for a peft
             model's base, or :class:`ReferenceStats`).
         beta: KL weight; Q, V, A and the residual are in reward units.
-        rewards: see :func:`resolve_rewards` (default 0).
+        rewards: see :func:`resolve_rewards` (default: the chat messages' ``reward`` values, else 0).
         top_k: alternatives kept per position, by policy probability.
         horizon: residual horizon, as in :func:`shiq_lab.losses.shiq_loss` (None: full path).
         batch_size: responses per forward pass; chunk_tokens: states per output-head chunk.
@@ -355,7 +337,7 @@ def token_values(
     policy = _LogitSource(model)
     flats = []
     with eval_mode(model, ref.model if isinstance(ref, _LogitSource) else None):
-        for b0, flat in _score(policy, ref, encoded, _pad_id(tokenizer), top_k=top_k, batch_size=batch_size,
+        for b0, flat in _score(policy, ref, encoded, pad_token_id(tokenizer), top_k=top_k, batch_size=batch_size,
                                chunk_tokens=chunk_tokens):
             if isinstance(ref, ReferenceStats):
                 idx = list(range(b0, min(b0 + batch_size, len(encoded))))
@@ -469,7 +451,7 @@ def reference_stats(
     source = _LogitSource(reference)
     stats = ReferenceStats([], [], [], [], [])
     with eval_mode(reference):
-        for b0, flat in _score(source, None, encoded, _pad_id(tokenizer), top_k=candidates, batch_size=batch_size,
+        for b0, flat in _score(source, None, encoded, pad_token_id(tokenizer), top_k=candidates, batch_size=batch_size,
                                chunk_tokens=chunk_tokens):
             group = encoded[b0 : b0 + batch_size]
             splits = np.cumsum([e.n_rows for e in group])[:-1]

@@ -140,7 +140,7 @@ def trajectory_kl(policy: torch.nn.Module, reference: torch.nn.Module, input_ids
 
 def trajectory_values(policy: torch.nn.Module, reference: Any, tokenizer: Any, messages: Sequence[dict[str, Any]], *,
                       beta: float = 0.1) -> Any:
-    """Per-token Q, V, advantage, residual and KL of a multi-turn trajectory (:func:`shiq_lab.token_values`).
+    """Per-token Q, V, advantage, residual and KL of a multi-turn trajectory (:func:`shiq_lab.views.token_values.token_values`).
 
     The prompt is the system and first user message; the response is everything up to the last assistant
     turn: assistant tokens are the policy's (``is_policy``), user and tool tokens the environment's. Each
@@ -148,7 +148,7 @@ def trajectory_values(policy: torch.nn.Module, reference: Any, tokenizer: Any, m
     """
     import numpy as np
 
-    from shiq_lab.data.inspect import encode_responses
+    from shiq_lab.data.encode import encode_responses
     from shiq_lab.views.token_values import token_values
 
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")

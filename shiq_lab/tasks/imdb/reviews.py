@@ -78,7 +78,7 @@ def split_reviews(*, test_fraction: float = 0.2, seed: int = 0) -> ReviewSplit:
         raise ValueError(f"test_fraction={test_fraction!r}: must lie strictly between 0 and 1")
     reviews = load_reviews("imdb")
     order = np.random.default_rng(seed).permutation(len(reviews))
-    n_test = int(round(test_fraction * len(reviews)))
+    n_test = round(test_fraction * len(reviews))
     test = reviews.iloc[np.sort(order[:n_test])].reset_index(drop=True)
     train = reviews.iloc[np.sort(order[n_test:])].reset_index(drop=True)
     return ReviewSplit(train=train, test=test)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -35,6 +36,7 @@ from typing import Any
 import pandas as pd
 import torch
 from datasets import Dataset, load_from_disk
+from transformers import TrainerCallback
 
 from shiq_lab.evaluation.frontier import pareto_mask, save_frontier
 from shiq_lab.evaluation.generations import FRONTIER_COLUMNS, PolicyEval, evaluate_policy
@@ -47,8 +49,7 @@ from shiq_lab.tasks.imdb import lm as imdb_model  # noqa: F401 -- registers "imd
 from shiq_lab.tasks.imdb.reviews import imdb_prompts
 from shiq_lab.tasks.imdb.reward import RewardModelConfig, SentimentReward, load_reward_model
 from shiq_lab.train.config import ShiQConfig
-from shiq_lab.train.runs import FrontierCallback, train_run
-from shiq_lab.train.runs import torch_dtype as _dtype
+from shiq_lab.train.progress import CompactPrinterCallback, SweepProgress, quiet_library_bars
 
 __all__ = ["ImdbTaskConfig", "offline_dataset", "FrontierCallback", "train_run", "ImdbTaskResult", "run_imdb_task", "main"]
 
@@ -122,8 +123,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "output_dir": "runs/imdb",
     "logging_steps": 1,
     "save_strategy": "no",
-    "report_to": "none",
-    "disable_tqdm": True,
+    "report_to": ["tensorboard"],  # events in each run's folder: tensorboard --logdir runs/
+    "seed": 0,  # the task's seed (TrainingArguments' default is 42): offline data, eval prompts (seed + 1), init
+    "disable_tqdm": True,  # the sweep's own bar (ImdbTaskConfig.progress) counts the steps of every run
 }
 #: names of the flat config of release 0.1 (one release of support): old name -> ShiQConfig field
 _LEGACY_TRAINING_NAMES = {"batch_size": "per_device_train_batch_size"}
@@ -157,6 +159,7 @@ class ImdbTaskConfig:
     cpu_threads: int | None = 1  # torch threads of a CPU run (small models: 1 is fastest); None: torch's setting
     dtype: str = "float32"
     save_models: bool = True
+    progress: bool = True  # one bar over runs x steps (tqdm.auto: a widget in notebooks)
 
     def __post_init__(self) -> None:
         self.loss_types = list(self.loss_types)
@@ -218,6 +221,92 @@ def split_config(values: dict[str, Any]) -> tuple[ImdbTaskConfig, ShiQConfig]:
     return task, training
 
 
+class FrontierCallback(TrainerCallback):
+    """Evaluates the live policy every ``every`` steps and after the last one (a frontier point each)."""
+
+    def __init__(self, every: int, evaluate: Callable[[torch.nn.Module], PolicyEval], *, on_point: Callable | None = None):
+        self.every = every
+        self.evaluate = evaluate
+        self.on_point = on_point
+        self.points: list[tuple[int, PolicyEval]] = []
+
+    def _point(self, model: torch.nn.Module, step: int) -> None:
+        if self.points and self.points[-1][0] == step:
+            return
+        was_training = model.training
+        result = self.evaluate(model)
+        model.train(was_training)
+        self.points.append((step, result))
+        if self.on_point is not None:
+            self.on_point(step, result)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self._point(model, state.global_step)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._point(model, state.global_step)
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype={name!r}: choose float32, bfloat16 or float16") from None
+
+
+def train_run(
+    config: ImdbTaskConfig,
+    training: ShiQConfig,
+    loss_type: str,
+    beta: float,
+    dataset: Dataset,
+    evaluate: Callable[[torch.nn.Module], PolicyEval],
+    *,
+    log: Callable[[str], None] = print,
+    bar: Any = None,
+) -> dict[str, Any]:
+    """Train one (loss type, beta) from the reference with :class:`~shiq_lab.train.trainer.ShiQTrainer`.
+
+    ``bar``: a shared progress bar (tqdm) that this run advances by its steps.
+
+    Returns ``{"points": [(step, PolicyEval)], "history": trainer log rows, "folder": run folder,
+    "seconds": ...}``; writes ``run.json`` (and the final model when ``save_models``) into the folder.
+    """
+    from shiq_lab.train.trainer import ShiQTrainer
+
+    folder = Path(training.output_dir) / f"{loss_type}-beta{beta:g}"
+    folder.mkdir(parents=True, exist_ok=True)
+    policy, tokenizer = load_model(config.model, dtype=_dtype(config.dtype))
+    responses = training.per_device_train_batch_size
+    # a pairwise row is a whole prompt group: as many responses per step as the other losses see
+    batch = max(1, responses // config.samples_per_prompt) if loss_type in PAIRWISE_LOSSES else responses
+    args = dataclasses.replace(training, output_dir=str(folder), loss_type=loss_type, beta=beta,
+                               per_device_train_batch_size=batch, use_cpu=config.device == "cpu")
+    callback = FrontierCallback(config.eval_every, evaluate, on_point=lambda s, r: log(
+        f"   {loss_type:4s} beta={beta:<5g} step {s:4d}: reward {r.reward_mean:.3f}  KL {r.kl_states_mean:.3f}"))
+    start = time.perf_counter()
+    callbacks: list[TrainerCallback] = [callback]
+    if bar is not None:
+        callbacks.append(SweepProgress(bar, folder.name))
+    trainer = ShiQTrainer(model=policy, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(CompactPrinterCallback)  # the per-step lines: the bar and the history have them
+    trainer.train()
+    seconds = time.perf_counter() - start
+    if config.save_models:
+        trainer.save_model(str(folder / "final"))
+    history = [dict(row) for row in trainer.state.log_history if "loss" in row]
+    (folder / "run.json").write_text(json.dumps({
+        "model": config.model, "loss_type": loss_type, "beta": beta, "max_steps": training.max_steps,
+        "seconds": round(seconds, 2), "history": history,
+        # the z-scoring the trainer applied to the returns: per-token values in training units need it
+        "reward_stats": trainer.reward_stats,
+        "points": [{"step": s, **r.row()} for s, r in callback.points],
+    }, indent=1))
+    return {"points": callback.points, "history": history, "folder": folder, "seconds": seconds,
+            "reward_stats": trainer.reward_stats}
+
+
 @dataclass
 class ImdbTaskResult:
     """What :func:`run_imdb_task` measured."""
@@ -261,7 +350,7 @@ def run_imdb_task(config: ImdbTaskConfig | None = None, training: ShiQConfig | N
     config = config or ImdbTaskConfig()
     training = training or default_training()
     config.check_training(training)
-    with use_cpu_threads(config.cpu_threads if config.device == "cpu" else None):
+    with use_cpu_threads(config.cpu_threads if config.device == "cpu" else None), quiet_library_bars():
         return _run(config, training, log)
 
 
@@ -293,14 +382,29 @@ def _run(config: ImdbTaskConfig, training: ShiQConfig, log: Callable[[str], None
     rows = [{"label": "reference", "loss_type": "reference", "beta": float("nan"), "step": 0, "path": "",
              **reference_eval.row()}]
     history, final_evals = [], {}
+    bar = None
+    if config.progress:
+        from tqdm.auto import tqdm
+
+        n_runs = len(config.loss_types) * len(config.betas)
+        bar = tqdm(total=n_runs * training.max_steps, desc=f"{n_runs} runs x {training.max_steps} steps", unit="step",
+                   dynamic_ncols=True)
+        plain = log
+
+        def log(line: str) -> None:  # above the bar, not through it
+            with tqdm.external_write_mode():
+                plain(line)
+
     for loss_type in config.loss_types:
         for beta in config.betas:
-            run = train_run(config, training, loss_type, beta, dataset, evaluate, log=log)
+            run = train_run(config, training, loss_type, beta, dataset, evaluate, log=log, bar=bar)
             for step, result in run["points"]:
                 rows.append({"label": f"{loss_type} beta={beta:g} step={step}", "loss_type": loss_type, "beta": beta,
                              "step": step, "path": str(run["folder"]), **result.row()})
             history += [{"loss_type": loss_type, "beta": beta, **h} for h in run["history"]]
             final_evals[(loss_type, beta)] = run["points"][-1][1]
+    if bar is not None:
+        bar.close()
     frontier = pd.DataFrame(rows)[FRONTIER_COLUMNS]
     frontier["pareto"] = pareto_mask(frontier, by=None)
     paths = save_frontier(frontier, out / "frontier")
@@ -347,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     from shiq_lab.train.config import ShiQConfig
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    results = None
+    if "--results" in argv:  # the README's results file (shiq_lab.tasks.imdb.report); not a config field
+        i = argv.index("--results")
+        results, argv = argv[i + 1], argv[:i] + argv[i + 2:]
+    command = shlex.join(["python", "-m", "shiq_lab.tasks.imdb.sweep", *argv])
+    cpu0 = time.process_time()
     config, training = parse_config((ImdbTaskConfig, ShiQConfig), _legacy_flags(argv), defaults=TRAINING_DEFAULTS,
                                     prog="python -m shiq_lab.tasks.imdb.sweep", description=__doc__)
     try:
@@ -354,11 +464,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         raise SystemExit(f"shiq-lab: {err}") from None
     result = run_imdb_task(config, training)
+    if results:
+        from shiq_lab.tasks.imdb.report import write_results
+
+        write_results(result, results, command=f"{command} --results {results}", cpu_seconds=time.process_time() - cpu0)
     table = result.frontier.drop(columns=["path", "label"])
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(table.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     print(json.dumps(result.summary(), indent=1))
     print(f"frontier: {result.paths['csv']}  plot: {result.paths.get('html', '')}")
+    print(f"training curves: tensorboard --logdir {training.output_dir}")
     return 0
 
 

@@ -16,7 +16,7 @@ import torch
 
 from shiq_lab.exact.fit import TOKEN_LOSSES, implied_policy, token_loss
 from shiq_lab.exact.tree import OfflineDataset, solve
-from shiq_lab.losses import LossOutput
+from shiq_lab.losses import LOSSES, LossOutput
 from shiq_lab.tasks.synthetic.forest import Forest, per_copy_mean
 from shiq_lab.tasks.synthetic.metrics import policy_metrics
 from shiq_lab.tasks.synthetic.sequence_baselines import SEQUENCE_LOSSES, order_by_return, prompt_pairs, sequence_loss
@@ -121,7 +121,11 @@ def method_loss(
     raise ValueError(f"method={method!r}: choose one of {sorted(METHODS)}")
 
 
-_PAIRED = ("dpo", "dpo_bt", "copg")
+
+
+def _paired(method: str) -> bool:
+    """Whether ``method`` learns from pairs (the registry :data:`shiq_lab.losses.LOSSES`; token methods do not)."""
+    return method in LOSSES and LOSSES[method].pairwise
 
 
 def forest_pairs(data: OfflineDataset, copy_of_row: torch.Tensor, forest: Forest, *, seed: int = 0) -> torch.Tensor:
@@ -178,7 +182,7 @@ def calibration_residual(method: str, policy: TablePolicy, forest: Forest, data:
     """
     silent = OfflineDataset(data.states, data.actions, torch.zeros_like(data.rewards), data.mask, data.prompts, data.lengths)
     values = torch.zeros(forest.tree.num_prompts, dtype=data.rewards.dtype)  # V_phi = 0 matches R = 0
-    pairs = forest_pairs(data, copy_of_row, forest) if method in _PAIRED else None
+    pairs = forest_pairs(data, copy_of_row, forest) if _paired(method) else None
     # DPO's residual (beta * log-ratio) does not involve the rewards, which only order the pairs:
     # zeroed rewards would tie every pair and leave none.
     source = data if method == "dpo" else silent
@@ -219,7 +223,7 @@ def train_forest(
     if method == "dro":
         values = torch.zeros(k, forest.prompts_per_copy, dtype=forest.tree.ref_logits.dtype, requires_grad=True)
         params.append(values)
-    pairs = forest_pairs(data, copy_of_row, forest, seed=pair_seed) if method in _PAIRED else None
+    pairs = forest_pairs(data, copy_of_row, forest, seed=pair_seed) if _paired(method) else None
     opt = BatchedAdam(params, lr)
     scale = _copy_gradient_scale(method, data, copy_of_row, k, pairs)
 

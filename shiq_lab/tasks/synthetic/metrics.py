@@ -16,6 +16,7 @@ The identity J_beta(pi*) - J_beta(pi) = beta * KL(pi || pi*) (sequence level, ex
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -30,10 +31,9 @@ from shiq_lab.exact.tree import (
     state_occupancy,
     state_values,
 )
-from shiq_lab.exact.tree import coverage as action_coverage
 from shiq_lab.tasks.synthetic.forest import Forest, per_copy, per_copy_mean
 
-__all__ = ["policy_metrics", "sequences_to_target", "action_coverage", "exact_frontier", "reward_gap"]
+__all__ = ["policy_metrics", "sequences_to_target", "exact_frontier", "reward_gap"]
 
 
 def _state_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -84,7 +84,7 @@ def sequences_to_target(sizes: list[int], scores: list[float], target: float = 0
     """
     if len(sizes) != len(scores) or not sizes:
         raise ValueError(f"sizes ({len(sizes)}) and scores ({len(scores)}) must be non-empty and of equal length")
-    if any(b <= a for a, b in zip(sizes, sizes[1:])):
+    if any(b <= a for a, b in itertools.pairwise(sizes)):
         raise ValueError(f"sizes={sizes}: must be strictly increasing")
     finite = [s if math.isfinite(s) else -math.inf for s in scores]
     for size, score in zip(sizes, finite):

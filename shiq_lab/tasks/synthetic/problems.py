@@ -124,6 +124,24 @@ def dataset_fingerprint(data: OfflineDataset) -> str:
     return h.hexdigest()[:16]
 
 
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place.
+
+    safetensors serialises the metadata from a Rust ``HashMap``, whose order changes from one process
+    to the next: without this the same tensors give different bytes (and a dirty tree) on every run.
+    The reordered header has the same length, so the data offsets do not move.
+    """
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # cannot happen for a permutation of the same keys; keep the file as written
+        return
+    path.write_bytes(raw[:8] + text + b" " * (n - len(text)) + raw[8 + n:])
+
+
 _TREE_FIELDS = ("ref_logits", "rewards", "next_state", "depth", "prompt", "roots", "env_action")
 
 
@@ -154,6 +172,7 @@ def write_datasets(out_dir: str | Path, *, scale: str = "full", seeds: list[int]
                 prints[b] = dataset_fingerprint(data)
             fname = f"{name}_seed{seed}.safetensors"
             save_file(tensors, str(out / fname), metadata={"task": json.dumps(asdict(spec)), "seed": str(seed)})
+            _canonical_header(out / fname)
             manifest["files"][fname] = {"task": asdict(spec), "seed": seed, "fingerprints": prints}
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
@@ -178,7 +197,7 @@ def load_datasets(path: str | Path) -> tuple[TokenTree, dict[str, OfflineDataset
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-        t = {k: f.get_tensor(k) for k in f.keys()}
+        t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 -- safe_open is not iterable
     spec = json.loads(meta["task"])
     tab = {k: t[f"tree.{k}"] for k in _TREE_FIELDS}
     eos = spec["vocab_size"] - 1

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import math
 
+from shiq_lab.losses import LOSSES
+
+#: the sequence-level methods, in the registry's order (dpo, dpo_bt, dro, copg)
+_SEQUENCE_LEVEL = tuple(name for name, spec in LOSSES.items() if spec.level == "sequence")
+
 __all__ = ["render_markdown", "headline_table", "efficiency_table", "fmt", "calibration_table", "frontier_table", "mean_curves", "efficiency_curves", "key_numbers"]
 
 _LABEL = {
@@ -252,7 +257,7 @@ def key_numbers(results: dict) -> dict[str, float]:
     eff = [rows[("tabular", t, "shiq", b)] for t in tasks for b in off]
     numbers = {
         "calibration_residual_shiq": max(calib(shifted)),
-        "calibration_residual_sequence": max(calib(("dpo", "dpo_bt", "dro", "copg"))),
+        "calibration_residual_sequence": max(calib(_SEQUENCE_LEVEL)),
         "calibration_residual_unshifted_min": min(calib(("naive", "scoring"))),
         "shiq_tabular_offpolicy_min": min(val("tabular", t, "shiq", b) for t in tasks for b in off),
         "shiq_tabular_offpolicy_kl_max": max(val("tabular", t, "shiq", b, "kl_states_mean") for t in tasks for b in off),
@@ -281,7 +286,7 @@ def key_numbers(results: dict) -> dict[str, float]:
     for t in tasks:
         for b in cfg["behaviours"]:
             shiq = rows[("tabular", t, "shiq", b)]
-            for m in ("dpo", "dpo_bt", "dro", "copg"):
+            for m in _SEQUENCE_LEVEL:
                 other = rows[("tabular", t, m, b)]
                 if "reached_target" not in shiq or "reached_target" not in other:
                     continue
@@ -292,10 +297,125 @@ def key_numbers(results: dict) -> dict[str, float]:
     numbers["shiq_efficiency_pairs_worse"] = float(worse)
     numbers["shiq_efficiency_pairs_better"] = float(better)
     if "neural" in cfg["parameterisations"]:
-        sequence_level = ("dpo", "dpo_bt", "dro", "copg")
+        sequence_level = _SEQUENCE_LEVEL
         mean_over_tasks = lambda m, b: sum(val("neural", t, m, b) for t in tasks) / len(tasks)  # noqa: E731
         numbers["shiq_minus_best_sequence_neural_min"] = min(
             mean_over_tasks("shiq", b) - max(mean_over_tasks(m, b) for m in sequence_level) for b in cfg["behaviours"])
         numbers["shiq_neural_offpolicy_mean"] = sum(val("neural", t, "shiq", b) for t in tasks for b in off) / (2 * len(tasks))
         numbers["unshifted_neural_max"] = max(val("neural", t, m, b) for t in tasks for m in ("naive", "scoring") for b in cfg["behaviours"])
     return numbers
+
+
+# ---------------------------------------------------------------------------------------------
+# README blocks (shiq_lab.infra.readme): rendered from the committed benchmarks/results/synthetic.json
+# ---------------------------------------------------------------------------------------------
+
+_REACH_PI_STAR = ("dpo_bt", "dro", "copg")  # the sequence-level baselines that can reach pi*
+
+
+def _committed(root) -> dict:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(root) / "benchmarks" / "results" / "synthetic.json").read_text())
+
+
+def _span(values: list[float], digits: int = 2) -> str:
+    lo, hi = f"{min(values):.{digits}f}", f"{max(values):.{digits}f}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def readme_run(root) -> str:
+    """The sentence on the full run's cost and machine."""
+    meta = _committed(root)["meta"]
+    wall, cpu = meta["wall_time_s"], meta["cpu_time_s"]
+    torch_version = meta["machine"]["torch"].split("+")[0]
+    return (f"The full run took **{wall:.0f} s wall ({wall / 60:.1f} min) and {cpu:.0f} s of CPU ({cpu / 60:.1f} min) "
+            f"on {meta['machine']['threads']} thread{'s' if meta['machine']['threads'] != 1 else ''}** "
+            f"(torch {torch_version} CPU, Python {meta['machine']['python'].rsplit('.', 1)[0]}).")
+
+
+def readme_headline(root) -> str:
+    """The headline table: normalised return at the main size, averaged over the tasks."""
+    return headline_table(_committed(root))
+
+
+def readme_efficiency(root) -> str:
+    """Sequences to the target (tabular), off-policy behaviours."""
+    return efficiency_table(_committed(root), behaviours=("uniform", "mix"))
+
+
+def readme_findings(root) -> str:
+    """The bullet list of findings, every number computed from the results."""
+    results = _committed(root)
+    cfg = results["meta"]["config"]
+    rows = _rows(results)
+    tasks, params, behaviours = cfg["tasks"], cfg["parameterisations"], cfg["behaviours"]
+    k = key_numbers(results)
+    def head(p: str, m: str, b: str) -> float:  # task-averaged final normalised return; -inf if a run diverged
+        mean = _over_tasks(results, p, m, b, "normalised_return")[0]
+        return -math.inf if mean is None else mean
+
+    calib = [rows[(p, t, m, b)]["calibration_residual_mean"] for p in params for t in tasks for m in ("naive", "scoring")
+             for b in behaviours]
+    off = ("uniform", "mix")
+    eff = [rows[("tabular", t, "shiq", b)]["sequences_to_target"] for t in tasks for b in off]
+    unshifted = [head(p, m, b) for p in params for m in ("naive", "scoring") for b in behaviours]
+    # data efficiency, cell by cell against the baselines that reach pi*; the first cell where ShiQ needs fewer
+    fewer, example = 0, ""
+    for t in tasks:
+        for b in behaviours:
+            shiq = rows[("tabular", t, "shiq", b)]
+            for m in _REACH_PI_STAR:
+                other = rows[("tabular", t, m, b)]
+                if "reached_target" not in shiq or "reached_target" not in other:
+                    continue
+                n_shiq = shiq["sequences_to_target"] if shiq["reached_target"] else math.inf
+                n_other = other["sequences_to_target"] if other["reached_target"] else math.inf
+                if n_shiq < n_other:
+                    fewer += 1
+                    example = example or f"{t}·{b}: {n_shiq} against {n_other if n_other < math.inf else 'never'}"
+    target = f"{cfg['target'] * 100:.0f} %"
+    betas = cfg["frontier_betas"]
+    neural_uniform = [head("neural", m, "uniform") for m in _REACH_PI_STAR]
+    dpo_final = sum(rows[("tabular", t, "dpo", "uniform")]["normalised_return_mean"] for t in tasks) / len(tasks)
+    skewed_best = max(head("tabular", m, "skewed") for m in cfg["methods"])
+    lead = k["shiq_minus_best_sequence_neural_min"]
+    residual = k["calibration_residual_shiq"]
+    calib_shifted = "exactly 0" if residual == 0 else f"at most {residual:.2g}"
+    bullets = [
+        f"**Calibration.** With the rewards set to 0 at θ = ref, the shifted losses have a residual of "
+        f"{calib_shifted}. "
+        f"The unshifted scoring and naive losses start at {_span(calib, 0)} (reward units): the reference logits' "
+        "per-state offsets.",
+        f"**ShiQ reaches π\\* from off-policy data.** From uniform or mixed data it reaches {target} of the optimal "
+        f"improvement on {'every' if k['shiq_tabular_offpolicy_reached'] else 'not every'} task with "
+        f"{min(eff)}–{max(eff)} sequences. This includes the multi-turn task, where the value bridges across "
+        f"environment tokens. On the frontier (β from {betas[0]:g} to {betas[-1]:g}) its points sit on the exact curve "
+        f"(reward gap ≤ {k['shiq_frontier_gap_max']:.3f} at equal KL), and its KL moves ×{k['shiq_frontier_kl_range']:.0f} "
+        f"over the sweep, as π\\*'s does (×{k['exact_frontier_kl_range']:.0f}).",
+        f"**The unshifted ablations end worse than π_ref** (normalised return {max(unshifted):.0f} to "
+        f"{min(unshifted):.0f}). Their fixed point pins absolute logits, so a token the data never shows keeps the "
+        "reference's huge offset and takes the probability mass. With every (state, token) seen, L-BFGS does take "
+        "them to π\\*, but Adam needs thousands of steps to undo the offsets.",
+        "**DRO and CoPG match ShiQ on tabular policies, and this was to be expected.** On a token tree their zero-loss "
+        "sets equal ShiQ's: ShiQ's per-prefix conditions follow from DRO's on the observed responses, because a "
+        "state's value is a free offset of its logits. "
+        + ("ShiQ never needed more sequences than any baseline. " if k["shiq_efficiency_pairs_worse"] == 0 else
+           f"ShiQ needed more sequences than a baseline in {k['shiq_efficiency_pairs_worse']:.0f} cells. ")
+        + f"Against DRO, CoPG or soft-label DPO it needed fewer in {fewer} (task, behaviour, baseline) "
+          f"triple{'s' if fewer != 1 else ''}" + (f", for example {example}." if example else ".")
+        + f" Counting DPO with ordered pairs too, it needed fewer in {k['shiq_efficiency_pairs_better']:.0f}.",
+        f"**With the neural policy ShiQ is {'level with or ahead of' if lead >= -0.005 else 'behind'} every "
+        f"sequence-level method** in each column (smallest lead over the best of them: {lead:+.3f}). From uniform data: "
+        f"{head('neural', 'shiq', 'uniform'):.2f} against {_span(neural_uniform)} for soft-label DPO, DRO and CoPG.",
+        f"**DPO with pairs ordered by return cannot reach π\\*.** Deterministic labels leave it no finite minimiser: "
+        f"the best point along its learning curve is {k['dpo_peak_tabular_uniform_mean']:.2f} (tabular, uniform data), "
+        f"and it ends at {dpo_final:.2f}. Its KL barely responds to β: ×{k['dpo_frontier_kl_range']:.1f} over the sweep, "
+        f"where π\\* moves ×{k['exact_frontier_kl_range']:.0f}. With Bradley–Terry soft labels σ(R − R′) it matches CoPG "
+        f"to within {k['dpo_bt_copg_gap_tabular_offpolicy_max']:.3f}, and that is the condition under which DPO's fixed "
+        "point is π\\*.",
+        f"**Skewed data limits every method** to {skewed_best:.2f} at best (tabular, averaged over the tasks). The data "
+        "hides actions, and no offline loss can value an action it never sees.",
+    ]
+    return "\n".join(f"- {b}" for b in bullets)

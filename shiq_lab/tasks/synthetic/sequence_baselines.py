@@ -25,7 +25,16 @@ from __future__ import annotations
 import torch
 
 from shiq_lab.exact.tree import OfflineDataset, TokenTree, tabular_logits
-from shiq_lab.losses import LossOutput, copg_loss, dpo_loss, dro_loss, sequence_logratio, token_logprobs
+from shiq_lab.losses import (
+    LOSSES,
+    LossOutput,
+    copg_loss,
+    dpo_loss,
+    dro_loss,
+    response_pairs,
+    soft_dpo_loss,
+    token_logprobs,
+)
 
 __all__ = ["SEQUENCE_LOSSES", "prompt_pairs", "order_by_return", "soft_dpo_loss", "sequence_loss"]
 
@@ -35,26 +44,19 @@ SEQUENCE_LOSSES = {
     "dro": "DRO, learned value V_phi(x) per prompt",
     "copg": "CoPG, pairs of responses to one prompt",
 }
+assert set(SEQUENCE_LOSSES) == {n for n, spec in LOSSES.items() if spec.level == "sequence"}, "see shiq_lab.losses.LOSSES"
 
 
 def prompt_pairs(prompts: torch.Tensor, *, seed: int = 0) -> torch.Tensor:
     """[M, 2] pairs of rows answering the same prompt, each prompt's rows joined in a random cycle.
 
-    A prompt with m >= 3 rows gives m pairs (every row in two pairs, all rows connected), with 2
-    rows one pair, with 1 row none.
+    :func:`shiq_lab.losses.response_pairs` with ``rule="cycle"`` (see there); refuses data where no
+    prompt has two responses.
     """
-    gen = torch.Generator().manual_seed(seed)
-    pairs = []
-    for p in torch.unique(prompts).tolist():
-        rows = torch.nonzero(prompts == p).flatten()
-        rows = rows[torch.randperm(rows.numel(), generator=gen)]
-        if rows.numel() == 2:
-            pairs.append(rows[None])
-        elif rows.numel() > 2:
-            pairs.append(torch.stack([rows, rows.roll(-1)], dim=1))
-    if not pairs:
+    pairs = response_pairs(prompts, rule="cycle", seed=seed)
+    if pairs.numel() == 0:
         raise ValueError("no prompt has two responses: pairwise baselines need at least two responses to one prompt")
-    return torch.cat(pairs)
+    return pairs
 
 
 def order_by_return(returns: torch.Tensor, pairs: torch.Tensor, *, tol: float = 1e-9) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,22 +67,6 @@ def order_by_return(returns: torch.Tensor, pairs: torch.Tensor, *, tol: float = 
     chosen = torch.where(first_wins, pairs[:, 0], pairs[:, 1])[keep]
     rejected = torch.where(first_wins, pairs[:, 1], pairs[:, 0])[keep]
     return chosen, rejected
-
-
-def soft_dpo_loss(
-    logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, returns: torch.Tensor, pairs: torch.Tensor, *, beta: float
-) -> LossOutput:
-    """DPO against Bradley-Terry soft labels: ``-[p ln s(m) + (1-p) ln s(-m)]``, ``p = s(R - R')``.
-
-    ``m = beta*(lr(y) - lr(y'))`` for each pair ``(y, y')``; s is the logistic sigmoid.
-    """
-    lr = sequence_logratio(logp, ref_logp, mask)
-    margin = beta * (lr[pairs[:, 0]] - lr[pairs[:, 1]])
-    p = torch.sigmoid(returns[pairs[:, 0]] - returns[pairs[:, 1]]).to(margin.dtype)
-    logsig = torch.nn.functional.logsigmoid
-    loss = -(p * logsig(margin) + (1 - p) * logsig(-margin)).mean()
-    residuals = torch.zeros(mask.shape, dtype=margin.dtype)
-    return LossOutput(loss, residuals, {"loss": float(loss.detach())})
 
 
 def sequence_loss(

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from shiq_lab.exact.tree import OfflineDataset, TokenTree, expected_reward, sequence_kl, solve
+from shiq_lab.infra.runtime import cpu_threads
 from shiq_lab.tasks.synthetic.forest import stack_datasets, stack_trees
 from shiq_lab.tasks.synthetic.harness import METHODS, TablePolicy, TabularPolicy, calibration_residual, train_forest
 from shiq_lab.tasks.synthetic.metrics import exact_frontier, reward_gap, sequences_to_target
@@ -219,9 +220,17 @@ def _task_data(task: str, cfg: SuiteConfig) -> _TaskData:
 
 
 def run_suite(cfg: SuiteConfig, *, log: Callable[[str], None] = print) -> dict:
-    """Run the whole benchmark; returns ``{"meta", "selected_lr", "runs", "summary", "frontier"}``."""
+    """Run the whole benchmark; returns ``{"meta", "selected_lr", "runs", "summary", "frontier"}``.
+
+    It runs on one thread (the results state "1 core"; tiny tensors gain nothing from threads) and
+    gives the caller's thread count back afterwards.
+    """
     cfg.validate()
-    torch.set_num_threads(1)  # the results state "1 core"; tiny tensors gain nothing from threads
+    with cpu_threads(1):
+        return _run_suite(cfg, log)
+
+
+def _run_suite(cfg: SuiteConfig, log: Callable[[str], None]) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     runs: list[dict] = []
     selected: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
