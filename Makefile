@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic lint git-filter gpu-check gpu-wheels
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic bench-bfcl lint git-filter gpu-check gpu-wheels
 
 setup: $(STAMP) assets git-filter
 
@@ -88,6 +88,11 @@ gpu-check:
 
 gpu-wheels: setup
 	bash benchmarks/gpu_wheels.sh
+
+# BFCL-V3 multi-turn tool use, CPU pipeline scale (SmolLM2-135M; ~40 min on a busy 2-core machine): writes
+# benchmarks/results/bfcl_cpu.{json,md}; BENCH_ARGS=--quick for a smoke run that writes nothing committed.
+bench-bfcl: setup
+	$(BIN)/python -m shiq_lab.tasks.bfcl.sweep --config configs/sweep/bfcl_cpu.yaml $(BENCH_ARGS)
 
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^shiq' > requirements-cpu.lock
