@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic lint git-filter gpu-check gpu-wheels bench-imdb-smollm2
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic bench-bfcl lint git-filter gpu-check gpu-wheels bench-imdb-smollm2
 
 setup: $(STAMP) assets git-filter
 
@@ -93,6 +93,11 @@ gpu-wheels: setup
 # DPO, DRO, CoPG -> benchmarks/results/imdb_smollm2_cpu.{json,md,html}. BENCH_ARGS=--quick: smoke run under runs/.
 bench-imdb-smollm2: setup
 	$(BIN)/python -m benchmarks.bench_imdb_smollm2 $(BENCH_ARGS)
+
+# BFCL-V3 multi-turn tool use, CPU pipeline scale (SmolLM2-135M; ~40 min on a busy 2-core machine): writes
+# benchmarks/results/bfcl_cpu.{json,md}; BENCH_ARGS=--quick for a smoke run that writes nothing committed.
+bench-bfcl: setup
+	$(BIN)/python -m shiq_lab.tasks.bfcl.sweep --config configs/sweep/bfcl_cpu.yaml $(BENCH_ARGS)
 
 lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^shiq' > requirements-cpu.lock

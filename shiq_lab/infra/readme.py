@@ -37,6 +37,7 @@ SECTIONS: dict[str, str] = {
     "imdb-tiny": "shiq_lab.tasks.imdb.report:readme_tiny",
     "imdb-mid": "shiq_lab.tasks.imdb.report:readme_mid",
     "imdb-smollm2": "shiq_lab.tasks.imdb.smollm2_report:readme_section",
+    "bfcl": "shiq_lab.tasks.bfcl.report:readme_section",
     # performance: renderers next to the benchmarks that write the results (benchmarks/ is importable from the root)
     "performance-cpu-goals": "benchmarks.readme_sections:cpu_goals",
     "performance-cpu-loss-kernel": "benchmarks.readme_sections:cpu_loss_kernel",
