@@ -334,7 +334,7 @@ def train_run(
         f"   {loss_type:4s} beta={beta:<5g} step {s:4d}: reward {r.reward_mean:.3f}  KL {r.kl_states_mean:.3f}"))
     callbacks: list[TrainerCallback] = [callback]
     peft_config = None
-    if config.use_lora:
+    if getattr(config, "use_lora", False):  # other tasks' configs (BFCL) reuse this runner without the LoRA fields
         from peft import LoraConfig
 
         peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=0.0,
