@@ -18,7 +18,7 @@ export TOKENIZERS_PARALLELISM := false
 export PYTHONHASHSEED := 0
 export MPLBACKEND := Agg
 
-.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic bench-bfcl lint git-filter gpu-check gpu-wheels bench-imdb-smollm2
+.PHONY: setup assets demo test test-slow test-fast lab browser-deps clean lock bench bench-synthetic bench-bfcl bench-bfcl-gpu lint git-filter gpu-check gpu-wheels bench-imdb-smollm2
 
 setup: $(STAMP) assets git-filter
 
@@ -96,6 +96,10 @@ bench-imdb-smollm2: setup
 
 # BFCL-V3 multi-turn tool use, CPU pipeline scale (SmolLM2-135M; ~40 min on a busy 2-core machine): writes
 # benchmarks/results/bfcl_cpu.{json,md}; BENCH_ARGS=--quick for a smoke run that writes nothing committed.
+# The BFCL sweep at GPU scale (configs/sweep/bfcl_gpu.yaml; planned for < 8 min on one H200, not yet run).
+bench-bfcl-gpu:
+	bash benchmarks/bfcl_gpu.sh
+
 bench-bfcl: setup
 	$(BIN)/python -m shiq_lab.tasks.bfcl.sweep --config configs/sweep/bfcl_cpu.yaml $(BENCH_ARGS)
 

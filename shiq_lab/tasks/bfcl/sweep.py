@@ -6,7 +6,7 @@
 2. **Offline data** (:mod:`.dataset`): per training entry its ground truth, one corruption of each kind
    (drop / swap / perturb one call; later turns run on the corrupted state) and ``samples_per_entry``
    trajectories played by the reference, all executed and scored turn by turn.
-3. **Training**: :func:`shiq_lab.tasks.imdb.sweep.train_run` (the IMDB sweep's runner, reused) for each
+3. **Training**: :func:`shiq_lab.train.sweep.train_run` (the tasks' shared sweep runner) for each
    variant, from the reference, with the same :class:`ShiQConfig` (``beta``, ``max_steps``...).
 4. **Evaluation** on the held-out entries: the policy writes each assistant turn, its calls are executed and
    the results fed back (:func:`.rollout.rollout`); per-turn accuracy, the official score and
@@ -183,7 +183,7 @@ def _sample_data(reference: torch.nn.Module, tokenizer: Any, episodes: Sequence[
 def run_sweep(config: BfclSweepConfig | None = None, training: ShiQConfig | None = None, *,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """The whole sweep; returns (and writes to ``<output_dir>/results.json``) the results document."""
-    from shiq_lab.tasks.imdb.sweep import train_run  # the sweep runner (generic; lives with the IMDB sweep for now)
+    from shiq_lab.train.sweep import train_run
 
     config = config or BfclSweepConfig()
     training = training or ShiQConfig(**TRAINING_DEFAULTS)
