@@ -236,6 +236,19 @@ def _kl_range(points: list[dict]) -> float:
     return by_beta[0]["kl_ref_mean"] / by_beta[-1]["kl_ref_mean"]
 
 
+def _efficiency_cells(rows: dict, tasks, behaviours, methods):
+    """``(task, behaviour, method, ShiQ's sequences to target, the method's)`` per tabular cell (inf: never reached)."""
+    for t in tasks:
+        for b in behaviours:
+            shiq = rows[("tabular", t, "shiq", b)]
+            for m in methods:
+                other = rows[("tabular", t, m, b)]
+                if "reached_target" not in shiq or "reached_target" not in other:
+                    continue
+                yield (t, b, m, shiq["sequences_to_target"] if shiq["reached_target"] else math.inf,
+                       other["sequences_to_target"] if other["reached_target"] else math.inf)
+
+
 def key_numbers(results: dict) -> dict[str, float]:
     """The numbers behind the benchmark's headline findings (the notebook asserts them).
 
@@ -283,17 +296,9 @@ def key_numbers(results: dict) -> dict[str, float]:
     }
     # data efficiency, ShiQ against each sequence-level method, (task, behaviour) cell by cell
     worse = better = 0
-    for t in tasks:
-        for b in cfg["behaviours"]:
-            shiq = rows[("tabular", t, "shiq", b)]
-            for m in _SEQUENCE_LEVEL:
-                other = rows[("tabular", t, m, b)]
-                if "reached_target" not in shiq or "reached_target" not in other:
-                    continue
-                n_shiq = shiq["sequences_to_target"] if shiq["reached_target"] else math.inf
-                n_other = other["sequences_to_target"] if other["reached_target"] else math.inf
-                worse += n_other < n_shiq
-                better += n_shiq < n_other
+    for _, _, _, n_shiq, n_other in _efficiency_cells(rows, tasks, cfg["behaviours"], _SEQUENCE_LEVEL):
+        worse += n_other < n_shiq
+        better += n_shiq < n_other
     numbers["shiq_efficiency_pairs_worse"] = float(worse)
     numbers["shiq_efficiency_pairs_better"] = float(better)
     if "neural" in cfg["parameterisations"]:
@@ -363,18 +368,10 @@ def readme_findings(root) -> str:
     unshifted = [head(p, m, b) for p in params for m in ("naive", "scoring") for b in behaviours]
     # data efficiency, cell by cell against the baselines that reach pi*; the first cell where ShiQ needs fewer
     fewer, example = 0, ""
-    for t in tasks:
-        for b in behaviours:
-            shiq = rows[("tabular", t, "shiq", b)]
-            for m in _REACH_PI_STAR:
-                other = rows[("tabular", t, m, b)]
-                if "reached_target" not in shiq or "reached_target" not in other:
-                    continue
-                n_shiq = shiq["sequences_to_target"] if shiq["reached_target"] else math.inf
-                n_other = other["sequences_to_target"] if other["reached_target"] else math.inf
-                if n_shiq < n_other:
-                    fewer += 1
-                    example = example or f"{t}·{b}: {n_shiq} against {n_other if n_other < math.inf else 'never'}"
+    for t, b, _, n_shiq, n_other in _efficiency_cells(rows, tasks, behaviours, _REACH_PI_STAR):
+        if n_shiq < n_other:
+            fewer += 1
+            example = example or f"{t}·{b}: {n_shiq} against {n_other if n_other < math.inf else 'never'}"
     target = f"{cfg['target'] * 100:.0f} %"
     betas = cfg["frontier_betas"]
     neural_uniform = [head("neural", m, "uniform") for m in _REACH_PI_STAR]
