@@ -19,6 +19,7 @@ Screenshots of each notebook at both widths go to ``artifacts/browser/``. Uses t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -356,7 +357,9 @@ def test_notebook_02_runs_in_jupyterlab_and_the_explorer_reacts(lab, tmp_path) -
             context.close()
 
 
-def test_library_figures_are_complete_at_every_width_and_cut_ones_are_caught(lab, tmp_path) -> None:
+@contextlib.contextmanager
+def _notebook_page(lab, tmp_path, notebook: str):
+    """A chromium page with ``notebook`` open in the lab at the first width (closed afterwards)."""
     chromium, playwright = _browser(tmp_path)
     url, token = lab
     with playwright.sync_playwright() as p:
@@ -365,30 +368,25 @@ def test_library_figures_are_complete_at_every_width_and_cut_ones_are_caught(lab
             viewport={"width": WIDTHS[0], "height": 1000})
         try:
             page = context.pages[0] if context.pages else context.new_page()
-            _open(page, url, token, GALLERY, WIDTHS[0])
-            state = _run_all(page, GALLERY, timeout_s=120)
-            n_figures = sum(c["plotly"] for c in state["cells"])
-            assert n_figures == 9, n_figures
-            _check_notebook_complete(page, Path(GALLERY).stem, n_figures, canaries=CANARIES)
+            _open(page, url, token, notebook, WIDTHS[0])
+            yield page
         finally:
             context.close()
+
+
+def test_library_figures_are_complete_at_every_width_and_cut_ones_are_caught(lab, tmp_path) -> None:
+    with _notebook_page(lab, tmp_path, GALLERY) as page:
+        state = _run_all(page, GALLERY, timeout_s=120)
+        n_figures = sum(c["plotly"] for c in state["cells"])
+        assert n_figures == 9, n_figures
+        _check_notebook_complete(page, Path(GALLERY).stem, n_figures, canaries=CANARIES)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["01_bellman_derivation", "03_synthetic_benchmark", "04_finetune"])
 def test_every_notebook_is_complete_in_jupyterlab(lab, tmp_path, name) -> None:
-    chromium, playwright = _browser(tmp_path)
-    url, token = lab
-    with playwright.sync_playwright() as p:
-        context = p.chromium.launch_persistent_context(
-            str(tmp_path / "chromium-profile"), executable_path=chromium, args=CHROMIUM_ARGS, headless=True,
-            viewport={"width": WIDTHS[0], "height": 1000})
-        try:
-            page = context.pages[0] if context.pages else context.new_page()
-            _open(page, url, token, f"{name}.ipynb", WIDTHS[0])
-            state = _run_all(page, name, timeout_s=900)
-            n_figures = sum(c["plotly"] for c in state["cells"])
-            assert n_figures >= 3
-            _check_notebook_complete(page, name, n_figures)
-        finally:
-            context.close()
+    with _notebook_page(lab, tmp_path, f"{name}.ipynb") as page:
+        state = _run_all(page, name, timeout_s=900)
+        n_figures = sum(c["plotly"] for c in state["cells"])
+        assert n_figures >= 3
+        _check_notebook_complete(page, name, n_figures)
