@@ -423,7 +423,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             continue
         left = total - (time.perf_counter() - t0)
         budget = min(float(overrides.get(stage.name, stage.dry_budget_s if args.dry_run else stage.budget_s)), left)
-        if budget < 1:
+        if budget <= 0:
             receipt["stages"][stage.name] = {"status": "skipped", "reason": "no time left in the total budget",
                                              "budget_s": 0.0, "seconds": 0.0}
         else:
