@@ -22,6 +22,8 @@ def test_notebooks_exist() -> None:
 def test_notebook_is_stored_clean_with_parameters_cell(path) -> None:
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
+    raw = json.loads(path.read_text(encoding="utf-8"))  # nbformat.read would add missing ids itself
+    assert all(c.get("id") for c in raw["cells"]), f"{path.name}: a cell has no id (nbformat 4.5 needs one per cell)"
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
         f"{path.name} has outputs: strip them (executed copies belong under runs/)"
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
