@@ -168,6 +168,10 @@ def _precompute(argv: list[str]) -> int:
             cache = ReferenceCache(cfg.ref_cache_dir)
             ident = reference_identity(model, cfg.reference_id, autocast_dtype(cfg))
             where = cache.path(cache.key(dataset_fingerprint(tok), ident))
+            if not where.exists():  # a read-only cache: computed in memory only (the cache warned why)
+                print(f"reference statistics ({split}, {len(tok)} rows, reference {ref_name}): computed but NOT "
+                      f"cached ({where.parent} is not writable; --output DIR writes them elsewhere)")
+                continue
         print(f"reference statistics ({split}, {len(tok)} rows, reference {ref_name}): {where}")
     return 0
 

@@ -588,3 +588,13 @@ def test_project_errors_share_a_base_and_print_as_one_message_with_exit_code_2(t
     monkeypatch.setenv("SHIQ_LAB_DEBUG", "1")
     with pytest.raises(DataValidationError):
         cli.main(args)
+
+
+def test_precompute_ref_into_a_read_only_cache_says_nothing_was_cached(tmp_path, capsys, monkeypatch):
+    cache = tmp_path / "ro-cache"
+    cache.mkdir()
+    with read_only(cache, monkeypatch), pytest.warns(UserWarning, match="cannot be written"):
+        assert cli.main(["precompute-ref", *quick(tmp_path, "--eval_fraction", "0", "--ref_cache_dir", str(cache))]) == 0
+    out = capsys.readouterr().out
+    assert "computed but NOT cached" in out and str(cache) in out
+    assert not any(cache.iterdir())
