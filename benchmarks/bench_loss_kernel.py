@@ -6,6 +6,7 @@ Forward + backward from the final hidden states and the output layer, on the sam
 - ``sft_ce``: ``F.cross_entropy(hidden @ W.T, targets)``, the SFT baseline (PyTorch).
 - ``shiq_naive``: ``token_logprobs(hidden @ W.T, actions)`` + ``shiq_loss`` (full fp32 logits).
 - ``shiq_fused``: ``chunked_token_logprobs(hidden, W, actions)`` + ``shiq_loss`` (tiles only).
+- ``shiq_compiled`` (``--compiled``): the same kernel with its per-tile steps through ``torch.compile``.
 
 Goals: time(shiq_fused) <= 1.1 x time(sft_ce); extra peak memory(shiq_fused) <= 0.25 x that of
 shiq_naive. Every response token is a policy token (mask all ones), so the three compute the same
@@ -15,6 +16,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.bench_loss_kernel --threads 2        # full, a few minutes
     .venv/bin/python -m benchmarks.bench_loss_kernel --quick            # tiny smoke run, seconds
+    .venv/bin/python -m benchmarks.bench_loss_kernel --compiled ...     # add the torch.compile'd kernel
 
 It writes ``benchmarks/results/loss_kernel.json`` (every number and the machine) and ``.md``.
 """
@@ -75,10 +77,18 @@ def _main_rows(rows: list[dict[str, Any]], clock: str) -> str:
             "fused / naive peak mem": f"{q['peak_memory_fused_over_naive']:.3f}",
             "fused / naive working mem": f"{q['working_memory_fused_over_naive']:.3f}",
         })
+        if "time_compiled_over_sft" in q:
+            table[-1].update({"compiled ShiQ (s)": f"{t['shiq_compiled'][clock]['median']:.3f}",
+                              "compiled / SFT time": iqr_text(q["time_compiled_over_sft"][clock]),
+                              "compiled / fused time": iqr_text(q["time_compiled_over_fused"][clock]),
+                              "compiled / naive peak mem": f"{q['peak_memory_compiled_over_naive']:.3f}"})
         if "time_fused_over_liger" in q:
             table[-1].update({"Liger FLCE (s)": f"{t['liger_flce'][clock]['median']:.4f}",
                               "fused / Liger time": iqr_text(q["time_fused_over_liger"][clock]),
                               "fused / Liger peak mem": f"{q['peak_memory_fused_over_liger']:.3f}"})
+        if "time_compiled_over_liger" in q:
+            table[-1].update({"compiled / Liger time": iqr_text(q["time_compiled_over_liger"][clock]),
+                              "compiled / Liger peak mem": f"{q['peak_memory_compiled_over_liger']:.3f}"})
     return markdown_table(table, list(table[0]))
 
 
@@ -113,6 +123,18 @@ def build_markdown(payload: dict[str, Any]) -> str:
            f"matmuls, measured / floor = {head['time_fused_over_liger'] / MATMUL_FLOOR:.3f}); peak memory = "
            f"**{head['peak_memory_fused_over_liger']:.3f}** (goal <= {LIGER_MEMORY_GOAL}: "
            f"{'met' if head['meets_liger_memory_goal'] else 'NOT met'}).", ""] if "time_fused_over_liger" in head else []),
+        *([f"Compiled kernel (`compiled=True`: the same per-tile steps through torch.compile), first row's case, "
+           f"median over {head['time_compiled_over_sft_repeats']['n']} runs: compiled / SFT time = "
+           f"**{head['time_compiled_over_sft']:.3f}** (quartiles [{head['time_compiled_over_sft_repeats']['q1']:.3f}, "
+           f"{head['time_compiled_over_sft_repeats']['q3']:.3f}]), compiled / plain fused time = "
+           f"**{head['time_compiled_over_fused']:.3f}**"
+           + (f"; compiled / Liger time = **{head['time_compiled_over_liger']:.3f}** (goal <= {LIGER_TIME_GOAL}: "
+              f"{'met' if head['meets_liger_time_goal_compiled'] else 'NOT met'}; measured / floor = "
+              f"{head['time_compiled_over_liger'] / MATMUL_FLOOR:.3f}), peak memory = "
+              f"**{head['peak_memory_compiled_over_liger']:.3f}** (goal <= {LIGER_MEMORY_GOAL}: "
+              f"{'met' if head['meets_liger_memory_goal_compiled'] else 'NOT met'})"
+              if "time_compiled_over_liger" in head else "") + ".", ""]
+          if "time_compiled_over_sft" in head else []),
         _main_rows(payload["main"], clock),
         "",
         "Fused vs naive ShiQ on the same inputs (largest relative difference): "
@@ -138,6 +160,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="hidden states and output layer")
     ap.add_argument("--liger", action="store_true",
                     help="add Liger's fused linear cross-entropy (CUDA with liger-kernel; skipped with a note otherwise)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="add the kernel with its per-tile steps through torch.compile (inductor: triton on CUDA, "
+                         "a C++ compiler on CPU)")
     ap.add_argument("--no-frozen", action="store_true", help="skip the frozen-output-layer row")
     ap.add_argument("--no-scaling", action="store_true", help="skip the T and V sweeps")
     ap.add_argument("--scaling-seq-lens", type=int, nargs="+", default=[128, 256, 512, 1024])
@@ -168,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for b, frozen in configs:
         p = make_problem(b, args.seq_len, vocab=args.vocab, frozen_head=frozen, **dims)
         main_rows.append(run_case(p, rounds=args.rounds, warmup=args.warmup, device=device, tile=tile,
-                                  liger=liger and not frozen))
+                                  liger=liger and not frozen, compiled=args.compiled))
         print(f"B={b} frozen={frozen}: fused/SFT time {main_rows[-1]['ratios']['time_fused_over_sft'][clock]['median']:.3f}, "
               f"fused/naive peak memory {main_rows[-1]['ratios']['peak_memory_fused_over_naive']:.3f}", flush=True)
 
@@ -179,16 +204,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 t, v = (x, args.vocab) if key == "seq_len" else (args.seq_len, x)
                 p = make_problem(1, t, vocab=v, **dims)
                 scaling[key].append(run_case(p, rounds=args.scaling_rounds, warmup=1, device=device, check=False,
-                                             tile=tile, liger=liger))
+                                             tile=tile, liger=liger, compiled=args.compiled))
                 print(f"scaling T={t} V={v} done", flush=True)
 
     first = main_rows[0]
     # the headline case again, ``--repeats - 1`` more times: its ratios' spread across runs, not only within one
-    keys = [k for k in ("time_fused_over_sft", "time_fused_over_liger") if k in first["ratios"]]
+    keys = [k for k in ("time_fused_over_sft", "time_fused_over_liger", "time_compiled_over_sft",
+                        "time_compiled_over_fused", "time_compiled_over_liger") if k in first["ratios"]]
     runs = {k: [first["ratios"][k][clock]["median"]] for k in keys}
     for r in range(1, args.repeats):
         p = make_problem(args.batch[0], args.seq_len, vocab=args.vocab, seed=r, **dims)
-        again = run_case(p, rounds=args.rounds, warmup=args.warmup, device=device, check=False, tile=tile, liger=liger)
+        again = run_case(p, rounds=args.rounds, warmup=args.warmup, device=device, check=False, tile=tile, liger=liger,
+                         compiled=args.compiled)
         for k in keys:
             runs[k].append(again["ratios"][k][clock]["median"])
         print(f"repeat {r + 1}/{args.repeats}: fused/SFT time {runs['time_fused_over_sft'][-1]:.3f}", flush=True)
@@ -212,6 +239,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         headline["matmul_floor"] = MATMUL_FLOOR
         headline["meets_liger_time_goal"] = headline["time_fused_over_liger"] <= LIGER_TIME_GOAL
         headline["meets_liger_memory_goal"] = headline["peak_memory_fused_over_liger"] <= LIGER_MEMORY_GOAL
+    if "time_compiled_over_sft" in first["ratios"]:
+        for k in ("time_compiled_over_sft", "time_compiled_over_fused"):
+            headline[k] = repeats[k]["median"]
+            headline[f"{k}_repeats"] = repeats[k]
+        headline["peak_memory_compiled_over_naive"] = first["ratios"]["peak_memory_compiled_over_naive"]
+    if "time_compiled_over_liger" in first["ratios"]:
+        headline["time_compiled_over_liger"] = repeats["time_compiled_over_liger"]["median"]
+        headline["time_compiled_over_liger_iqr"] = first["ratios"]["time_compiled_over_liger"][clock]
+        headline["time_compiled_over_liger_repeats"] = repeats["time_compiled_over_liger"]
+        headline["peak_memory_compiled_over_liger"] = first["ratios"]["peak_memory_compiled_over_liger"]
+        headline["meets_liger_time_goal_compiled"] = headline["time_compiled_over_liger"] <= LIGER_TIME_GOAL
+        headline["meets_liger_memory_goal_compiled"] = headline["peak_memory_compiled_over_liger"] <= LIGER_MEMORY_GOAL
     payload = {
         "benchmark": "loss_kernel",
         "quick": args.quick,
@@ -219,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "time_fused_over_liger_max": LIGER_TIME_GOAL, "peak_memory_fused_over_liger_max": LIGER_MEMORY_GOAL},
         "machine": machine,
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "scaling_rounds": args.scaling_rounds,
-                     "dtype": args.dtype, "liger": liger, "repeats": args.repeats, "beta": BETA, "threads": torch.get_num_threads(), "tile_args": tile},
+                     "dtype": args.dtype, "liger": liger, "compiled": args.compiled, "repeats": args.repeats, "beta": BETA, "threads": torch.get_num_threads(), "tile_args": tile},
         "headline": headline,
         "main": main_rows,
         "scaling": scaling,

@@ -6,6 +6,9 @@ GPU check (which adds Liger's fused linear cross-entropy where it is installed):
 - ``sft_ce``: ``F.cross_entropy(hidden @ W.T, targets)``, the SFT baseline (PyTorch).
 - ``shiq_naive``: ``token_logprobs(hidden @ W.T, actions)`` + ``shiq_loss`` (full fp32 logits).
 - ``shiq_fused``: ``chunked_token_logprobs(hidden, W, actions)`` + ``shiq_loss`` (tiles only).
+- ``shiq_compiled`` (opt-in, ``compiled=True`` in :func:`run_case`): the same kernel with its per-tile steps
+  through ``torch.compile`` (``chunked_token_logprobs(..., compiled=True)``; inductor, so triton on CUDA or
+  a C++ compiler on CPU).
 
 - ``liger_flce`` (CUDA, where ``liger-kernel`` is installed): Liger's fused linear cross-entropy
   (Triton), the fused loss a GPU user would compare with: three output-layer matmuls, no logits.
@@ -47,6 +50,7 @@ __all__ = [
     "make_problem",
     "run_case",
     "sft_ce",
+    "shiq_compiled",
     "shiq_fused",
     "shiq_naive",
 ]
@@ -111,11 +115,17 @@ def shiq_naive(p: Problem) -> torch.Tensor:
     return _shiq(p, logp, logz)
 
 
-def shiq_fused(p: Problem, chunk_size: int | None = None, vocab_chunk_size: int | None = None) -> torch.Tensor:
+def shiq_fused(p: Problem, chunk_size: int | None = None, vocab_chunk_size: int | None = None,
+               compiled: bool = False) -> torch.Tensor:
     """Memory-light ShiQ: ``chunked_token_logprobs`` (tiles, recomputed in backward) and ``shiq_loss``."""
     logp, logz = chunked_token_logprobs(p.hidden, p.weight, p.actions, mask=p.mask,
-                                        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+                                        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size, compiled=compiled)
     return _shiq(p, logp, logz)
+
+
+def shiq_compiled(p: Problem, chunk_size: int | None = None, vocab_chunk_size: int | None = None) -> torch.Tensor:
+    """:func:`shiq_fused` with the kernel's per-tile steps compiled (``torch.compile``, inductor)."""
+    return shiq_fused(p, chunk_size, vocab_chunk_size, compiled=True)
 
 
 _LIGER: dict[str, Any] = {}
@@ -149,11 +159,12 @@ def liger_available(device: torch.device) -> bool:
 MATMUL_FLOOR = 4 / 3
 
 METHODS: dict[str, Callable[..., torch.Tensor]] = {"sft_ce": sft_ce, "shiq_naive": shiq_naive, "shiq_fused": shiq_fused,
-                                                   "liger_flce": liger_flce}
+                                                   "shiq_compiled": shiq_compiled, "liger_flce": liger_flce}
+TILED = ("shiq_fused", "shiq_compiled")  # the methods that take the tile arguments
 
 
 def _step(p: Problem, method: str, tile: dict[str, int | None]) -> Callable[[], None]:
-    kwargs = tile if method == "shiq_fused" else {}
+    kwargs = tile if method in TILED else {}
 
     def run() -> None:
         METHODS[method](p, **kwargs).backward()
@@ -167,36 +178,45 @@ def _reset(p: Problem) -> Callable[[], None]:
     return run
 
 
-def check_fused_equals_naive(p: Problem, tile: dict[str, int | None]) -> dict[str, float]:
-    """Largest relative differences between the fused and the naive ShiQ loss and gradients, on these inputs."""
+def check_fused_equals_naive(p: Problem, tile: dict[str, int | None], *, compiled: bool = False) -> dict[str, float]:
+    """Largest relative differences between the fused and the naive ShiQ loss and gradients, on these inputs.
+
+    With ``compiled``, also those of the compiled kernel against the plain fused one (``compiled_*``).
+    """
     out = {}
     grads = {}
-    for name in ("shiq_naive", "shiq_fused"):
-        loss = METHODS[name](p, **(tile if name == "shiq_fused" else {}))
+    for name in ("shiq_naive", "shiq_fused", *(("shiq_compiled",) if compiled else ())):
+        loss = METHODS[name](p, **(tile if name in TILED else {}))
         loss.backward()
         grads[name] = (loss.detach(), p.hidden.grad, p.weight.grad)
         _reset(p)()
-    (l0, h0, w0), (l1, h1, w1) = grads["shiq_naive"], grads["shiq_fused"]
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:
         return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
-    out["loss_rel_diff"] = rel(l1, l0)
-    out["grad_hidden_rel_diff"] = rel(h1, h0)
-    if w0 is not None:
-        out["grad_weight_rel_diff"] = rel(w1, w0)
+    for prefix, (got, truth) in {"": ("shiq_fused", "shiq_naive"), "compiled_": ("shiq_compiled", "shiq_fused")}.items():
+        if got not in grads:
+            continue
+        (l0, h0, w0), (l1, h1, w1) = grads[truth], grads[got]
+        out[f"{prefix}loss_rel_diff"] = rel(l1, l0)
+        out[f"{prefix}grad_hidden_rel_diff"] = rel(h1, h0)
+        if w0 is not None:
+            out[f"{prefix}grad_weight_rel_diff"] = rel(w1, w0)
     return out
 
 
 def run_case(p: Problem, *, rounds: int, warmup: int, device: torch.device, check: bool = True,
-             tile: dict[str, int | None] | None = None, liger: bool = False) -> dict[str, Any]:
+             tile: dict[str, int | None] | None = None, liger: bool = False, compiled: bool = False) -> dict[str, Any]:
     """Time and memory of the methods on one problem, and the ratios the goals are stated in.
 
     ``tile`` holds ``chunk_size`` / ``vocab_chunk_size`` for the fused kernel (None: its default);
-    ``liger`` adds Liger's fused linear cross-entropy and the ratios against it.
+    ``liger`` adds Liger's fused linear cross-entropy and the ratios against it; ``compiled`` adds
+    ``shiq_compiled`` (compiled in the warm-up, so ``warmup`` must be >= 1) and its ratios.
     """
+    if compiled and warmup < 1:
+        raise ValueError("compiled=True needs warmup >= 1: the first call compiles, and is not a measurement")
     tile = tile or {"chunk_size": None, "vocab_chunk_size": None}
-    names = (*METHOD_NAMES, "liger_flce") if liger else METHOD_NAMES
+    names = (*METHOD_NAMES, *(("shiq_compiled",) if compiled else ()), *(("liger_flce",) if liger else ()))
     cases = {m: _step(p, m, tile) for m in names}
     times = interleaved_times(cases, rounds=rounds, warmup=warmup, device=device, reset=_reset(p))
     memory = {}
@@ -221,14 +241,23 @@ def run_case(p: Problem, *, rounds: int, warmup: int, device: torch.device, chec
             "peak_memory_fused_over_sft": memory["shiq_fused"]["peak_bytes"] / memory["sft_ce"]["peak_bytes"],
         },
     }
+    q = row["ratios"]
+    if compiled:
+        q["time_compiled_over_sft"] = {c: ratio_summary(times["shiq_compiled"][c], times["sft_ce"][c]) for c in CLOCKS}
+        q["time_compiled_over_fused"] = {c: ratio_summary(times["shiq_compiled"][c], times["shiq_fused"][c])
+                                         for c in CLOCKS}
+        q["peak_memory_compiled_over_naive"] = memory["shiq_compiled"]["peak_bytes"] / memory["shiq_naive"]["peak_bytes"]
+        q["peak_memory_compiled_over_fused"] = memory["shiq_compiled"]["peak_bytes"] / memory["shiq_fused"]["peak_bytes"]
     if liger:
-        q = row["ratios"]
-        q["time_fused_over_liger"] = {c: ratio_summary(times["shiq_fused"][c], times["liger_flce"][c]) for c in CLOCKS}
-        q["peak_memory_fused_over_liger"] = memory["shiq_fused"]["peak_bytes"] / memory["liger_flce"]["peak_bytes"]
-        q["time_fused_over_liger_over_floor"] = {c: {k: v / MATMUL_FLOOR if k != "n" else v
-                                                     for k, v in q["time_fused_over_liger"][c].items()} for c in CLOCKS}
+        for kind in ("fused", *(("compiled",) if compiled else ())):
+            q[f"time_{kind}_over_liger"] = {c: ratio_summary(times[f"shiq_{kind}"][c], times["liger_flce"][c])
+                                            for c in CLOCKS}
+            q[f"peak_memory_{kind}_over_liger"] = memory[f"shiq_{kind}"]["peak_bytes"] / memory["liger_flce"]["peak_bytes"]
+            q[f"time_{kind}_over_liger_over_floor"] = {c: {k: v / MATMUL_FLOOR if k != "n" else v
+                                                           for k, v in q[f"time_{kind}_over_liger"][c].items()}
+                                                       for c in CLOCKS}
     if check:
-        row["check"] = check_fused_equals_naive(p, tile)
+        row["check"] = check_fused_equals_naive(p, tile, compiled=compiled)
     return row
 
 
@@ -245,6 +274,9 @@ def kernel_table(rows: list[dict[str, Any]], clock: str) -> str:
             "fused largest temporary": fmt_bytes(m["shiq_fused"]["largest_temp_bytes"]),
             "fused / SFT time": f"{r['ratios']['time_fused_over_sft'][clock]['median']:.3f}",
         })
+        if "shiq_compiled" in t:
+            table[-1].update({"compiled (s)": f"{t['shiq_compiled'][clock]['median']:.3f}",
+                              "compiled / SFT time": f"{r['ratios']['time_compiled_over_sft'][clock]['median']:.3f}"})
     return markdown_table(table, list(table[0]))
 
 

@@ -86,6 +86,22 @@ def test_loss_kernel_quick(tmp_path):
         assert all(r["memory"]["shiq_fused"]["largest_temp_bytes"] < r["full_logits_fp32_bytes"] for r in sweep)
 
 
+def test_loss_kernel_quick_compiled_row(tmp_path):
+    # --compiled adds the torch.compile'd kernel: its own row, ratios and headline, and its result is the plain one's
+    _run_quick("benchmarks.bench_loss_kernel", tmp_path, "--no-scaling", "--no-frozen", "--compiled")
+    payload = json.loads((tmp_path / "loss_kernel.json").read_text())
+    head, (row,) = payload["headline"], payload["main"]
+    assert payload["settings"]["compiled"] is True
+    assert set(row["times"]) == {"sft_ce", "shiq_naive", "shiq_fused", "shiq_compiled"}
+    for key in ("time_compiled_over_sft", "time_compiled_over_fused", "peak_memory_compiled_over_naive"):
+        assert math.isfinite(head[key]) and head[key] > 0, key
+    assert head["time_compiled_over_sft_repeats"]["n"] == payload["settings"]["repeats"]
+    diffs = {k: v for k, v in row["check"].items() if k.startswith("compiled_")}
+    assert len(diffs) == 3 and all(v < 1e-5 for v in diffs.values()), row["check"]
+    assert row["memory"]["shiq_compiled"]["largest_temp_bytes"] < row["full_logits_fp32_bytes"]
+    assert f"{head['time_compiled_over_sft']:.3f}" in (tmp_path / "loss_kernel.md").read_text()
+
+
 def test_synthetic_quick_writes_outside_the_committed_results():
     from shiq_lab.tasks.synthetic.__main__ import main as bench_main
     from shiq_lab.tasks.synthetic.__main__ import out_dir

@@ -22,6 +22,11 @@ Two strategies, picked automatically:
   ``gp*W[a] + (gz - gp)*E_softmax[W]`` with no matmul: two matmuls, as many as cross-entropy.
 
 Plain PyTorch ops only, so it runs unchanged on CPU and CUDA. No logit soft-capping or scaling.
+``compiled=True`` runs the same per-tile steps (:func:`_lse_step`, :func:`_probs`) through
+``torch.compile``: the loops, tiles and accumulators stay as they are, and inductor fuses each
+tile's elementwise passes (max, exp, sum, casts) into the kernels that read the matmul's output.
+The plain path is the reference; on a GPU those passes, not the matmuls, are what the compiled
+path saves (on CPU the matmuls dominate and both run at the same speed).
 """
 
 from __future__ import annotations
@@ -57,32 +62,124 @@ def _ranges(total: int, step: int) -> list[tuple[int, int]]:
 
 
 class _Tiler:
-    """Logits tiles ``hidden[n0:n1] @ weight[v0:v1].T + shift``, written into one reused buffer."""
+    """The tile ranges, and one reused logits buffer for the plain path (the compiled path has none)."""
 
-    def __init__(self, hidden, weight, chunk_size, vocab_chunk_size, cdt):
-        self.hidden, self.weight, self.cdt = hidden, weight, cdt
+    def __init__(self, hidden, weight, chunk_size, vocab_chunk_size, cdt, compiled):
         self.rows = _ranges(hidden.shape[0], chunk_size)
         self.cols = _ranges(weight.shape[0], vocab_chunk_size)
-        self.buf = torch.empty(min(chunk_size, hidden.shape[0]) * min(vocab_chunk_size, weight.shape[0]),
-                               dtype=cdt, device=hidden.device)
+        self.buf = None if compiled else torch.empty(
+            min(chunk_size, hidden.shape[0]) * min(vocab_chunk_size, weight.shape[0]), dtype=cdt, device=hidden.device)
 
-    def logits(self, n0: int, n1: int, v0: int, v1: int, shift: torch.Tensor | None = None) -> torch.Tensor:
-        """The [n1-n0, v1-v0] tile in the compute dtype; ``shift`` (broadcastable: bias, -logz) rides on the matmul."""
-        tile = self.buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
-        h, w = self.hidden[n0:n1], self.weight[v0:v1]
-        if h.dtype != self.cdt:  # low-precision matmul, as ``hidden @ weight.T`` does, then fp32
-            return torch.add(h @ w.t(), shift, out=tile) if shift is not None else tile.copy_(h @ w.t())
-        if shift is None:
-            return torch.mm(h, w.t(), out=tile)
-        return torch.addmm(shift.expand_as(tile), h, w.t(), out=tile)
+    def out(self, n0: int, n1: int, v0: int, v1: int) -> torch.Tensor | None:
+        """The [n1-n0, v1-v0] view of the buffer that tile (n0, v0) is written into (None when compiled)."""
+        return None if self.buf is None else self.buf[: (n1 - n0) * (v1 - v0)].view(n1 - n0, v1 - v0)
+
+
+# The per-tile steps: from one tile's hidden rows and weight rows to what the loops accumulate. The plain path runs them as written, writing each tile into one reused buffer
+# (``out``); the compiled path (``compiled=True``) runs the same functions through ``torch.compile``
+# with ``out=None``, so the tile is a temporary that inductor fuses into the reductions that read it
+# (one kernel for amax + exp + sum instead of four passes over the tile, and no fp32 copy of a bf16 tile).
+
+
+def _tile(h: torch.Tensor, w: torch.Tensor, shift: torch.Tensor | None, cdt: torch.dtype,
+          out: torch.Tensor | None) -> torch.Tensor:
+    """Logits ``h @ w.T + shift`` in the compute dtype (``shift`` broadcastable: bias, -logz), into ``out``."""
+    if out is None:  # compiled: a temporary (low-precision matmul then fp32, as ``hidden @ weight.T`` does)
+        tile = (h @ w.t()).to(cdt)
+        return tile if shift is None else tile + shift
+    if h.dtype != cdt:
+        return torch.add(h @ w.t(), shift, out=out) if shift is not None else out.copy_(h @ w.t())
+    if shift is None:
+        return torch.mm(h, w.t(), out=out)
+    return torch.addmm(shift.expand_as(out), h, w.t(), out=out)
+
+
+def _lse_step(h: torch.Tensor, w: torch.Tensor, shift: torch.Tensor | None, m: torch.Tensor, s: torch.Tensor,
+              acc: torch.Tensor | None, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One vocabulary tile of the online logsumexp: running max ``m`` and sum ``s`` of exp(l - m), updated.
+
+    ``acc`` (precompute strategy, [n, H], in place): the running sum_v exp(l_v - m) W_v, rescaled like ``s``.
+    """
+    tile = _tile(h, w, shift, m.dtype, out)
+    m_new = torch.maximum(m, tile.amax(1))
+    scale = torch.exp(m - m_new)  # 0 on the first chunk (m = -inf)
+    tile = tile.sub_(m_new[:, None]).exp_()
+    s = s * scale + tile.sum(1)
+    if acc is not None:
+        acc.mul_(scale[:, None])
+        if w.dtype == acc.dtype:
+            acc.addmm_(tile, w)
+        else:
+            acc.add_(tile.to(w.dtype) @ w)
+    return m_new, s
+
+
+def _probs(h: torch.Tensor, w: torch.Tensor, shift: torch.Tensor, cdt: torch.dtype, dtype: torch.dtype,
+           out: torch.Tensor | None) -> torch.Tensor:
+    """One tile of the backward pass's softmax P = exp(l - logz) (``shift`` = bias - logz), in ``dtype``."""
+    tile = _tile(h, w, shift, cdt, out).exp_()
+    return tile if dtype == cdt else tile.to(dtype)
+
+
+_COMPILED: dict[str, object] = {}
+_INDUCTOR_OK: set[str] = set()
+
+
+def _require_inductor(device: torch.device) -> None:
+    """Raise one clear error where ``torch.compile``'s inductor backend cannot build kernels for ``device``."""
+    if device.type in _INDUCTOR_OK:
+        return
+    fix = "or use the plain PyTorch kernel (compiled=False; logits_mode='chunked')"
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception as err:
+        raise RuntimeError(f"compiled loss kernel: torch.compile's inductor backend does not import ({err}); {fix}") from err
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise RuntimeError(f"compiled loss kernel on {device}: inductor needs triton for CUDA kernels and it is not "
+                               f"installed or does not work here: install triton, {fix}")
+    elif device.type == "cpu":
+        try:
+            from torch._inductor.cpp_builder import get_cpp_compiler
+
+            get_cpp_compiler()
+        except Exception as err:
+            raise RuntimeError(f"compiled loss kernel on CPU: inductor needs a C++ compiler (g++ or clang++) and found "
+                               f"none ({err}): install one, {fix}") from err
+    else:
+        raise RuntimeError(f"compiled loss kernel: no inductor backend for device {device.type!r}; {fix}")
+    _INDUCTOR_OK.add(device.type)
+
+
+def _steps(compiled: bool, device: torch.device):
+    """``(lse_step, probs)``: the functions above, or their compiled versions (made on first use, then cached).
+
+    ``dynamic=True``: one graph serves every tile shape (the number of action tokens changes from batch to
+    batch, and with it the default tile), so a training run compiles each step once per dtype / flag set,
+    not once per batch; ``fullgraph=True`` makes a graph break an error instead of a silent slow path.
+    """
+    if not compiled:
+        return _lse_step, _probs
+    _require_inductor(device)
+    if not _COMPILED:
+        from torch.fx.experimental import _config as fx_config
+
+        for f in (_lse_step, _probs):
+            # no duck sizing: a slice's storage offset that happens to equal a tile size would otherwise
+            # become a guard (n0 == chunk_size), and the next row block would recompile
+            _COMPILED[f.__name__] = fx_config.patch(use_duck_shape=False)(torch.compile(f, dynamic=True, fullgraph=True))
+    return _COMPILED["_lse_step"], _COMPILED["_probs"]
 
 
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, actions, chunk_size, vocab_chunk_size, precompute):
+    def forward(ctx, hidden, weight, bias, actions, chunk_size, vocab_chunk_size, precompute, compiled):
         cdt = _compute_dtype(hidden)
         n = hidden.shape[0]
-        tiler = _Tiler(hidden, weight, chunk_size, vocab_chunk_size, cdt)
+        lse_step, _ = _steps(compiled, hidden.device)
+        tiler = _Tiler(hidden, weight, chunk_size, vocab_chunk_size, cdt, compiled)
         logz = torch.empty(n, dtype=cdt, device=hidden.device)
         # the taken action's logit as a row-wise dot product: N*H work, no search through tiles
         chosen = (hidden.to(cdt) * weight[actions].to(cdt)).sum(-1)
@@ -93,26 +190,15 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             # online logsumexp: running max m and running sum s of exp(l - m)
             m = torch.full((n1 - n0,), -torch.inf, dtype=cdt, device=hidden.device)
             s = torch.zeros(n1 - n0, dtype=cdt, device=hidden.device)
+            acc = expected_w[n0:n1] if precompute else None
             for v0, v1 in tiler.cols:
-                tile = tiler.logits(n0, n1, v0, v1, None if bias is None else bias[None, v0:v1].to(cdt))
-                m_new = torch.maximum(m, tile.amax(1))
-                scale = torch.exp(m - m_new)  # 0 on the first chunk (m = -inf)
-                tile.sub_(m_new[:, None]).exp_()
-                s = s * scale + tile.sum(1)
-                if precompute:  # running sum_v exp(l_v - m) * W_v, rescaled like s
-                    acc = expected_w[n0:n1]
-                    acc.mul_(scale[:, None])
-                    w = weight[v0:v1]
-                    if w.dtype == cdt:
-                        acc.addmm_(tile, w)
-                    else:
-                        acc.add_(tile.to(w.dtype) @ w)
-                m = m_new
+                shift = None if bias is None else bias[None, v0:v1].to(cdt)
+                m, s = lse_step(hidden[n0:n1], weight[v0:v1], shift, m, s, acc, tiler.out(n0, n1, v0, v1))
             logz[n0:n1] = m + torch.log(s)
             if precompute:
-                expected_w[n0:n1].div_(s[:, None])
+                acc.div_(s[:, None])
         ctx.chunks = (chunk_size, vocab_chunk_size)
-        ctx.precompute = precompute
+        ctx.precompute, ctx.compiled = precompute, compiled
         ctx.save_for_backward(hidden, weight, bias, actions, logz, expected_w)
         return chosen - logz, logz
 
@@ -132,10 +218,11 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_h:
                 g = coef[:, None] * expected_w + gp[:, None] * weight[actions].to(cdt)
                 g_hidden = g.to(hidden.dtype)
-            return g_hidden, None, None, None, None, None, None
+            return g_hidden, None, None, None, None, None, None, None
 
         chunk_size, vocab_chunk_size = ctx.chunks
-        tiler = _Tiler(hidden, weight, chunk_size, vocab_chunk_size, cdt)
+        _, probs = _steps(ctx.compiled, hidden.device)
+        tiler = _Tiler(hidden, weight, chunk_size, vocab_chunk_size, cdt, ctx.compiled)
         n, h_dim = hidden.shape
         # d/dl_t = coef_t * softmax(l_t) + gp_t * onehot(a_t). The one-hot part is a gather /
         # index_add of N rows; the softmax part needs the tiles, and its per-row factor coef_t is
@@ -150,6 +237,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         if need_b:
             g_bias = torch.empty(weight.shape[0], dtype=cdt, device=hidden.device)
         one_row_block = len(tiler.rows) == 1
+        # P in the weight's dtype for the matmuls; kept in the compute dtype where the bias gradient reads it
+        p_dtype = cdt if need_b else weight.dtype
         # vocabulary outer, tokens inner: each weight chunk's gradient is complete after the inner
         # loop, so only a [vocab_chunk, H] accumulator is needed, never a [V, H] one in fp32
         for v0, v1 in tiler.cols:
@@ -159,8 +248,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 gw_acc = g_weight[v0:v1] if weight.dtype == cdt else torch.zeros(v1 - v0, h_dim, dtype=cdt, device=hidden.device)
             for i, (n0, n1) in enumerate(tiler.rows):
                 shift = -logz[n0:n1, None] if bias is None else bias[None, v0:v1].to(cdt) - logz[n0:n1, None]
-                tile = tiler.logits(n0, n1, v0, v1, shift).exp_()  # softmax probabilities P
-                g = tile if w.dtype == cdt else tile.to(w.dtype)
+                tile = probs(hidden[n0:n1], w, shift, cdt, p_dtype, tiler.out(n0, n1, v0, v1))  # softmax P
+                g = tile if w.dtype == tile.dtype else tile.to(w.dtype)
                 if need_h:
                     if w.dtype == cdt:
                         soft_w[n0:n1].addmm_(g, w)
@@ -185,7 +274,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             g_weight.index_add_(0, actions, (gp[:, None] * hidden.to(cdt)).to(weight.dtype))
         if need_b:
             g_bias = g_bias.index_add_(0, actions, gp).to(bias.dtype)
-        return g_hidden, g_weight, g_bias, None, None, None, None
+        return g_hidden, g_weight, g_bias, None, None, None, None, None
 
 
 def _positive_int(name: str, value: int | None) -> None:
@@ -202,6 +291,7 @@ def chunked_token_logprobs(
     mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``token_logprobs(hidden @ weight.T + bias, actions)`` without ever holding the [B, T, V] logits.
 
@@ -220,6 +310,11 @@ def chunked_token_logprobs(
         chunk_size, vocab_chunk_size: tile shape (tokens x vocabulary); the default
             (:func:`default_tile`) keeps a tile near 4 MB on CPU. Results do not depend on them
             beyond floating-point summation order.
+        compiled: run the same per-tile steps through ``torch.compile`` (inductor), which fuses the
+            logsumexp / softmax passes over each tile into one kernel; values equal the plain path's
+            up to floating-point rounding. Compiled on first use and cached: one graph per step for
+            every tile shape (``dynamic=True``), so changing batch sizes do not recompile. Needs
+            inductor's toolchain (triton on CUDA, a C++ compiler on CPU), else one clear error.
 
     Returns:
         ``(logp, logz)``, shaped like ``actions``, fp32 (fp64 for fp64 inputs): log pi(a_t|s_t)
@@ -290,7 +385,8 @@ def chunked_token_logprobs(
         and (bias is None or not bias.requires_grad)
     )
     logp, logz = _ChunkedTokenLogprobs.apply(
-        flat_h.contiguous(), weight.contiguous(), bias, flat_a.contiguous(), chunk_size, vocab_chunk_size, precompute
+        flat_h.contiguous(), weight.contiguous(), bias, flat_a.contiguous(), chunk_size, vocab_chunk_size, precompute,
+        bool(compiled),
     )
     if keep is not None:
         zero = torch.zeros((), dtype=cdt, device=hidden.device)

@@ -28,6 +28,7 @@ from shiq_lab.lm.modes import unwrap
 from shiq_lab.losses import checks_values, token_logprobs
 
 __all__ = [
+    "LOGITS_MODES",
     "causal_lm_parts",
     "resolve_logits_mode",
     "action_positions",
@@ -38,6 +39,11 @@ __all__ = [
     "token_stats",
     "StateLogits",
 ]
+
+
+#: how the per-token statistics are computed (see :func:`resolve_logits_mode`); ``"chunked-compiled"`` is
+#: ``"chunked"`` with the kernel's per-tile steps through ``torch.compile`` (explicit only: ``"auto"`` never picks it)
+LOGITS_MODES = ("auto", "chunked", "chunked-compiled", "full")
 
 
 def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
@@ -56,13 +62,16 @@ def causal_lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.M
 def resolve_logits_mode(model: torch.nn.Module, mode: str = "auto") -> str:
     """``"chunked"`` (hidden states x output layer, tile by tile) or ``"full"`` (the model's own logits).
 
-    ``"auto"`` picks ``"chunked"`` unless the output layer cannot be read as a plain [V, H] matrix
+    ``"chunked-compiled"`` is ``"chunked"`` with ``compiled=True`` in
+    :func:`~shiq_lab.lm.kernel.chunked_token_logprobs` (the same kernel, its per-tile steps fused by
+    ``torch.compile``; needs triton on CUDA or a C++ compiler on CPU). An explicit mode is returned
+    as it is. ``"auto"`` picks ``"chunked"`` unless the output layer cannot be read as a plain [V, H] matrix
     next to the forward pass: a model that is not a Hugging Face causal LM (its logits may be
     post-processed), logit soft-capping or scaling in the config, an adapter on the output layer,
     or a sharded weight (FSDP / DeepSpeed ZeRO-3), where ``"full"`` is the safe path.
     """
-    if mode not in ("auto", "chunked", "full"):
-        raise ValueError(f"logits_mode={mode!r}: choose 'auto', 'chunked' or 'full'")
+    if mode not in LOGITS_MODES:
+        raise ValueError(f"logits_mode={mode!r}: choose one of {', '.join(map(repr, LOGITS_MODES))}")
     if mode != "auto":
         return mode
     try:
@@ -165,12 +174,14 @@ def stats_from_hidden(
     *,
     chunk_size: int | None = None,
     positions: torch.Tensor | None = None,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, logz)`` [B, L] from final hidden states, on action tokens only (0 elsewhere).
 
     Position t holds the statistics of generating ``input_ids[t]`` from the state after t-1
     tokens; position 0 is always 0 (no state before the first token). ``positions``: the
     :func:`action_positions` of ``action_mask``, when the caller has them (no device sync).
+    ``compiled``: the kernel's compiled path (``logits_mode="chunked-compiled"``).
     """
     _, _, head = causal_lm_parts(model)
     weight, bias = head.weight, getattr(head, "bias", None)
@@ -180,7 +191,7 @@ def stats_from_hidden(
         h = h.to(weight.dtype)
     actions = input_ids.reshape(-1).index_select(0, pos)
     with torch.autocast(device_type=h.device.type, enabled=False):
-        logp, logz = chunked_token_logprobs(h, weight, actions, bias=bias, chunk_size=chunk_size)
+        logp, logz = chunked_token_logprobs(h, weight, actions, bias=bias, chunk_size=chunk_size, compiled=compiled)
     return _scatter(logp, pos, input_ids.shape), _scatter(logz, pos, input_ids.shape)
 
 
@@ -207,8 +218,8 @@ def token_stats(
 ) -> tuple[Any, ...]:
     """``(logp, logz)`` [B, L] fp32 of a causal LM, aligned to ``input_ids``, 0 off ``action_mask``.
 
-    ``logits_mode`` (see :func:`resolve_logits_mode`): ``"chunked"`` never builds [B, T, V] logits;
-    ``"full"`` uses the model's logits (selected rows only are converted to fp32). ``positions``:
+    ``logits_mode`` (see :func:`resolve_logits_mode`): ``"chunked"`` never builds [B, T, V] logits
+    (``"chunked-compiled"``: the same, its tiles fused by ``torch.compile``); ``"full"`` uses the model's logits (selected rows only are converted to fp32). ``positions``:
     :func:`action_positions` of ``action_mask`` computed on the host (else computed here: one
     device sync on an accelerator). With ``return_hidden=True`` also returns the final hidden states
     [B, L, H]; with ``return_capture=True`` the whole :class:`Capture` instead (for :class:`StateLogits`).
@@ -219,7 +230,8 @@ def token_stats(
     if mode == "full":
         logp, logz = _stats_from_logits(cap.logits, input_ids, pos)
     else:
-        logp, logz = stats_from_hidden(model, cap.hidden, input_ids, action_mask, chunk_size=chunk_size, positions=pos)
+        logp, logz = stats_from_hidden(model, cap.hidden, input_ids, action_mask, chunk_size=chunk_size, positions=pos,
+                                       compiled=mode == "chunked-compiled")
     if return_capture:
         return logp, logz, cap
     return (logp, logz, cap.hidden) if return_hidden else (logp, logz)

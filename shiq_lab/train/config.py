@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from shiq_lab.data.formats import TRUNCATION_POLICIES
+from shiq_lab.lm.stats import LOGITS_MODES
 from shiq_lab.losses import LOSS_TYPES
 
 __all__ = ["RunArguments", "ShiQConfig"]
@@ -65,7 +66,8 @@ class ShiQConfig(TrainingArguments):
         "help": "identity of the reference for the cache key (e.g. name@revision) instead of a weights hash"})
     ref_batch_size: int = field(default=8, metadata={"help": "batch size of the reference precompute"})
     logits_mode: str = field(default="auto", metadata={
-        "help": "'chunked' (no [B,T,V] tensor), 'full' (model logits; FSDP / ZeRO-3 / soft-capping) or 'auto'"})
+        "help": "'chunked' (no [B,T,V] tensor), 'chunked-compiled' (the same kernel through torch.compile: triton "
+                "on CUDA, a C++ compiler on CPU), 'full' (model logits; FSDP / ZeRO-3 / soft-capping) or 'auto'"})
     logits_chunk_size: int | None = field(default=None, metadata={"help": "tokens per tile of the chunked log-probs"})
     value_head_learning_rate: float | None = field(default=None, metadata={
         "help": "dro: learning rate of the value head (default: learning_rate)"})
@@ -90,8 +92,8 @@ class ShiQConfig(TrainingArguments):
             raise ValueError(f"truncation={self.truncation!r}: choose one of {TRUNCATION_POLICIES}")
         if self.reward_normalization not in ("none", "zscore"):
             raise ValueError(f"reward_normalization={self.reward_normalization!r}: choose 'none' or 'zscore'")
-        if self.logits_mode not in ("auto", "chunked", "full"):
-            raise ValueError(f"logits_mode={self.logits_mode!r}: choose 'auto', 'chunked' or 'full'")
+        if self.logits_mode not in LOGITS_MODES:
+            raise ValueError(f"logits_mode={self.logits_mode!r}: choose one of {', '.join(map(repr, LOGITS_MODES))}")
         if self.remove_unused_columns:
             raise ValueError("remove_unused_columns=True would drop the reward and reference columns: leave it False")
         # non-reentrant checkpointing works with frozen embeddings (LoRA) without extra hooks; the field

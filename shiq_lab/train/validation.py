@@ -91,6 +91,7 @@ def validate_config(cfg: Any) -> None:
     ``TrainingArguments`` fields a run depends on (everything finite, rates > 0, counts integral).
     """
     from shiq_lab.data.formats import TRUNCATION_POLICIES
+    from shiq_lab.lm.stats import LOGITS_MODES
     from shiq_lab.losses import LOSS_TYPES
 
     _choice("loss_type", cfg.loss_type, LOSS_TYPES)
@@ -104,7 +105,7 @@ def validate_config(cfg: Any) -> None:
     _choice("loss_reduction", cfg.loss_reduction, ("token", "sequence"))
     _choice("truncation", cfg.truncation, TRUNCATION_POLICIES)
     _choice("reward_normalization", cfg.reward_normalization, ("none", "zscore"))
-    _choice("logits_mode", cfg.logits_mode, ("auto", "chunked", "full"))
+    _choice("logits_mode", cfg.logits_mode, LOGITS_MODES)
     _integer("max_length", cfg.max_length)
     _integer("ref_batch_size", cfg.ref_batch_size)
     _integer("logits_chunk_size", cfg.logits_chunk_size, optional=True)

@@ -1,0 +1,166 @@
+"""The compiled loss kernel (``compiled=True`` / ``logits_mode="chunked-compiled"``) is the plain one, fused.
+
+Same values and gradients as the plain PyTorch path (fp32 to 1e-6 relative; bf16 as accurate as the bf16
+reference), compiled once per step for every batch (no recompiles), and one clear error without inductor.
+CPU inductor compiles C++ (gcc): a few seconds on first use, then cached on disk.
+"""
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from shiq_lab.lm import kernel
+from shiq_lab.lm.kernel import chunked_token_logprobs
+from shiq_lab.losses import token_logprobs
+
+TILE = {"chunk_size": 8, "vocab_chunk_size": 64}  # neither divides N = 3 x 10 nor V = 300: ragged tiles
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_dynamo():
+    """A clean compile cache, so the graph counts below do not depend on which tests ran before."""
+    torch._dynamo.reset()
+    kernel._COMPILED.clear()
+    yield
+    torch._dynamo.reset()
+    kernel._COMPILED.clear()
+
+
+def _graphs() -> int:
+    return counters["stats"]["unique_graphs"]
+
+
+def _batch(seed, B=3, T=10, H=16, V=300, dtype=torch.float32, bias=True, weight_grad=True):
+    """Hidden states, output layer, actions and a padded mask: prompt and padding hold garbage ids and NaN states."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    a = torch.randint(0, V, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for row in range(B):  # a different response span per row and per seed
+        start = int(torch.randint(1, 4, (1,), generator=g))
+        stop = int(torch.randint(start + 2, T + 1, (1,), generator=g))
+        mask[row, start:stop] = 1
+    a = a.masked_fill(mask == 0, -100)
+    h[mask == 0] = float("nan")  # masked states are never read
+    h = h.to(dtype).requires_grad_(True)
+    w = w.to(dtype).requires_grad_(weight_grad)
+    if b is not None:
+        b = b.to(dtype).requires_grad_(weight_grad)
+    gp, gz = torch.randn(B, T, generator=g, dtype=torch.float64), torch.randn(B, T, generator=g, dtype=torch.float64)
+    return h, w, b, a, mask, gp, gz
+
+
+def _run(fn, h, w, b, gp, gz):
+    """(logp, logz, d/dh, d/dw, d/db) of sum(gp * logp + gz * logz)."""
+    for t in (h, w, b):
+        if t is not None:
+            t.grad = None
+    logp, logz = fn()
+    ((logp * gp.to(logp.dtype)).sum() + (logz * gz.to(logz.dtype)).sum()).backward()
+    return [logp.detach(), logz.detach(), h.grad.clone(), None if w.grad is None else w.grad.clone(),
+            None if b is None or b.grad is None else b.grad.clone()]
+
+
+def _both(batch, **kw):
+    h, w, b, a, mask, gp, gz = batch
+    out = {}
+    for compiled in (False, True):
+        out[compiled] = _run(lambda c=compiled: chunked_token_logprobs(h, w, a, bias=b, mask=mask, compiled=c, **TILE, **kw),
+                             h, w, b, gp, gz)
+    return out[False], out[True]
+
+
+def _assert_fp32_equal(plain, comp, names=("logp", "logz", "grad_hidden", "grad_weight", "grad_bias")):
+    for name, p, c in zip(names, plain, comp):
+        if p is None:
+            assert c is None, name
+            continue
+        assert c.dtype == p.dtype and torch.isfinite(c).all(), name
+        torch.testing.assert_close(c, p, rtol=1e-6, atol=1e-6 * float(p.abs().max()), msg=name)
+
+
+def test_fp32_equals_plain_path_and_never_recompiles():
+    before = _graphs()
+    plain, comp = _both(_batch(0))
+    assert _graphs() > before  # the compiled steps really ran (compiled on this first call)
+    assert plain[3].abs().max() > 0 and plain[4].abs().max() > 0
+    _assert_fp32_equal(plain, comp)
+    compiled_once = _graphs()
+    # same shape, different contents (values, masks, padding), three times: no new graph
+    for seed in (1, 2, 3):
+        _assert_fp32_equal(*_both(_batch(seed)))
+    # other numbers of tokens (other tile shapes, as from batch to batch in training): still none
+    for B, T in ((2, 13), (4, 7)):
+        _assert_fp32_equal(*_both(_batch(9, B=B, T=T)))
+    assert _graphs() == compiled_once
+
+
+def test_fp32_frozen_head_and_no_bias_equal_plain_path():
+    # the precompute strategy (E_softmax[W] accumulated in the forward) and the shift-free tile
+    for kw in (dict(weight_grad=False), dict(bias=False)):
+        plain, comp = _both(_batch(4, **kw))
+        _assert_fp32_equal(plain, comp)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_grad", [True, False], ids=["trained-head", "frozen-head"])
+def test_bf16_as_accurate_as_the_bf16_reference(weight_grad):
+    # as tests/test_fused_logprobs.py::test_bf16_as_accurate_as_the_bf16_reference, for the compiled kernel
+    h64, w64, b64, a, _, gp, gz = _batch(3, B=2, T=20, H=32, V=500, dtype=torch.float64, weight_grad=weight_grad)
+    a = a.clamp_min(0)  # every position is computed here: no padding
+    h64 = torch.nan_to_num(h64.detach()).requires_grad_(True)
+    truth = _run(lambda: token_logprobs(h64 @ w64.T + b64, a), h64, w64, b64, gp, gz)
+    h, w, b = (t.detach().to(torch.bfloat16).requires_grad_(t.requires_grad) for t in (h64, w64, b64))
+    ref = _run(lambda: token_logprobs(h @ w.T + b, a), h, w, b, gp, gz)
+    got = _run(lambda: chunked_token_logprobs(h, w, a, bias=b, chunk_size=16, vocab_chunk_size=128, compiled=True),
+               h, w, b, gp, gz)
+    assert got[0].dtype == torch.float32 and got[2].dtype == torch.bfloat16
+    for name, t, r, x in zip(("logp", "logz", "grad_hidden", "grad_weight", "grad_bias"), truth, ref, got):
+        if t is None or r is None:
+            continue
+        scale = float(t.abs().max())
+        err_ref = float((r.double() - t).abs().max()) / scale
+        err_got = float((x.double() - t).abs().max()) / scale
+        assert err_got < 0.03, (name, err_got)
+        assert err_got <= 2 * err_ref + 1e-3, (name, err_got, err_ref)
+
+
+def test_token_stats_chunked_compiled_mode_equals_chunked():
+    from shiq_lab.data.batch import ShiQCollator
+    from shiq_lab.data.encode import tokenize_dataset
+    from shiq_lab.data.toy import synthetic_dataset
+    from shiq_lab.infra.models import load_model
+    from shiq_lab.lm.stats import resolve_logits_mode, token_stats
+
+    model, tok = load_model("tiny")
+    ds = tokenize_dataset(synthetic_dataset(3, seed=3), tok, max_length=48)
+    b = ShiQCollator(tok.pad_token_id)([ds[i] for i in range(3)])
+    assert resolve_logits_mode(model, "chunked-compiled") == "chunked-compiled"
+    out = {}
+    for mode in ("chunked", "chunked-compiled"):
+        model.zero_grad()
+        logp, logz = token_stats(model, b["input_ids"], b["attention_mask"], b["action_mask"], logits_mode=mode)
+        (logp * 0.3 + logz.square() * 0.01).sum().backward()
+        out[mode] = (logp.detach(), logz.detach(), model.get_output_embeddings().weight.grad.clone())
+    for name, p, c in zip(("logp", "logz", "grad_output_layer"), out["chunked"], out["chunked-compiled"]):
+        torch.testing.assert_close(c, p, rtol=1e-6, atol=1e-6 * float(p.abs().max()), msg=name)
+
+
+def test_missing_inductor_toolchain_is_one_clear_error(monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+    import torch.utils._triton as triton_utils
+
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(kernel, "_INDUCTOR_OK", set())
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    h, w, _, a, mask, _, _ = _batch(0)
+    with pytest.raises(RuntimeError, match=r"C\+\+ compiler.*logits_mode='chunked'"):
+        chunked_token_logprobs(h, w, a, mask=mask, compiled=True)
+    chunked_token_logprobs(h, w, a, mask=mask)  # the plain path needs no toolchain
+    monkeypatch.setattr(triton_utils, "has_triton", lambda: False)
+    with pytest.raises(RuntimeError, match="needs triton"):
+        kernel._require_inductor(torch.device("cuda"))
