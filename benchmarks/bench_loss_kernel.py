@@ -47,6 +47,7 @@ from benchmarks.kernel_cases import (
     BETA,
     MATMUL_FLOOR,
     METHOD_NAMES,
+    compiled_available,
     kernel_table,
     liger_available,
     make_problem,
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     liger = args.liger and liger_available(device)
     if args.liger and not liger:
         print(f"--liger: Liger's kernel needs CUDA and liger-kernel (device {device}): skipped", flush=True)
+    compiled_requested = args.compiled
+    if args.compiled and not compiled_available(device):
+        print("--compiled: the compiled kernel cannot run here (reason above): skipped", flush=True)
+        args.compiled = False
     dims = {"hidden": args.hidden, "device": device, "dtype": DTYPES[args.dtype]}
     tile = {"chunk_size": args.chunk_size, "vocab_chunk_size": args.vocab_chunk_size}
 
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   "time_fused_over_liger_max": LIGER_TIME_GOAL, "peak_memory_fused_over_liger_max": LIGER_MEMORY_GOAL},
         "machine": machine,
         "settings": {"rounds": args.rounds, "warmup": args.warmup, "scaling_rounds": args.scaling_rounds,
-                     "dtype": args.dtype, "liger": liger, "compiled": args.compiled, "repeats": args.repeats, "beta": BETA, "threads": torch.get_num_threads(), "tile_args": tile},
+                     "dtype": args.dtype, "liger": liger, "compiled": args.compiled, "compiled_requested": compiled_requested, "repeats": args.repeats, "beta": BETA, "threads": torch.get_num_threads(), "tile_args": tile},
         "headline": headline,
         "main": main_rows,
         "scaling": scaling,

@@ -46,6 +46,7 @@ __all__ = [
     "METHOD_NAMES",
     "Problem",
     "check_fused_equals_naive",
+    "compiled_available",
     "kernel_table",
     "make_problem",
     "run_case",
@@ -150,6 +151,17 @@ def liger_available(device: torch.device) -> bool:
         liger_flce(p).backward()
     except Exception as err:  # noqa: BLE001 -- a broken peer is skipped with its reason, not a failed benchmark
         print(f"Liger's kernel fails here: {type(err).__name__}: {err}"[:400], flush=True)
+        return False
+    return True
+
+
+def compiled_available(device: torch.device) -> bool:
+    """The compiled kernel runs here: one tiny forward + backward through inductor works (else the reason is printed)."""
+    try:
+        p = make_problem(1, 16, 32, 300, device=device)
+        shiq_compiled(p, vocab_chunk_size=128).backward()
+    except Exception as err:  # noqa: BLE001 -- a missing toolchain skips the row with its reason
+        print(f"compiled kernel fails here: {type(err).__name__}: {err}"[:400], flush=True)
         return False
     return True
 
