@@ -25,8 +25,11 @@ Plain PyTorch ops only, so it runs unchanged on CPU and CUDA. No logit soft-capp
 ``compiled=True`` runs the same per-tile steps (:func:`_lse_step`, :func:`_probs`) through
 ``torch.compile``: the loops, tiles and accumulators stay as they are, and inductor fuses each
 tile's elementwise passes (max, exp, sum, casts) into the kernels that read the matmul's output.
-The plain path is the reference; on a GPU those passes, not the matmuls, are what the compiled
-path saves (on CPU the matmuls dominate and both run at the same speed).
+The plain path is the reference. The compiled one saves those passes, not matmul time: on a CPU
+in fp32 the matmuls take nearly all the time and both run at the same speed; in bf16 the plain
+path's casts and exp over fp32 tiles are a visible share, and the compiled one skips the fp32 tile
+(``bench_loss_kernel --compiled`` measures both; a GPU, memory-bound on those passes, is where it
+is meant to pay).
 """
 
 from __future__ import annotations
