@@ -72,7 +72,7 @@ statsmodels sympy tabulate tensorboard tensorboard-data-server tensorstore threa
 tokenizers toolz torch torchaudio torchdiffeq torch-geometric torchmetrics torchvision tqdm transformers treescope
 triton typer typing-extensions typing-inspect urllib3 uvloop wadler-lindig werkzeug wheel wrapt xarray xxhash yarl
 zipp
-""".split())
+""".split())  # noqa: SIM905 -- a word list, as KINDS.md prints it
 
 #: Not in requirements-cpu.lock (a GPU-only peer): the version whose API kernel_cases.liger_flce was checked against
 #: (LigerFusedLinearCrossEntropyLoss.forward(lin_weight, _input, target, bias=None); torch >= 2.1.2, triton >= 2.3.1).

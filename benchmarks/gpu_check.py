@@ -103,7 +103,10 @@ def _driver() -> dict[str, Any]:
         pynvml.nvmlInit()
         try:
             handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            text = (lambda v: v.decode() if isinstance(v, bytes) else str(v))
+
+            def text(v: Any) -> str:  # older nvidia-ml-py returns bytes
+                return v.decode() if isinstance(v, bytes) else str(v)
+
             return {"source": "nvml", "driver": text(pynvml.nvmlSystemGetDriverVersion()),
                     "name": text(pynvml.nvmlDeviceGetName(handle)),
                     "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)}
@@ -211,6 +214,10 @@ def worker_notebook04(device: str, dry_run: bool) -> dict[str, Any]:
         params.update(NOTEBOOK04_GPU)
     out_dir = Path(tempfile.mkdtemp(prefix="gpu-check-nb04-"))
     run = run_notebook(ROOT / "notebooks" / "04_finetune.ipynb", parameters=params, output_dir=out_dir)
+    if os.environ.get("OUT") and not dry_run:  # the device machine: the executed notebook comes back with $OUT
+        import shutil
+
+        shutil.copy(run.output, Path(os.environ["OUT"]) / "04_finetune_gpu.ipynb")
     return {"parameters": params, "seconds": run.seconds, "output": str(run.output)}
 
 
@@ -368,7 +375,7 @@ def build_markdown(receipt: dict[str, Any]) -> str:
         "# GPU check receipt (issue 14)",
         "",
         *(["**Dry run (--dry-run): CPU, toy sizes; not a measurement.**", ""] if receipt["dry_run"] else []),
-        (f"Device: {env.get('gpu', env.get('device', '?'))}, driver {env.get('nvidia_smi', {}).get('driver', 'n/a')}, "
+        (f"Device: {env.get('gpu', env.get('device', '?'))}, driver {(env.get('driver') or {}).get('driver', 'n/a')}, "
          f"CUDA {env.get('cuda', 'n/a')}; torch {ver.get('torch')}, transformers {ver.get('transformers')}, "
          f"triton {ver.get('triton')}, trl {ver.get('trl')}, liger-kernel {ver.get('liger_kernel')}, "
          f"accelerate {ver.get('accelerate')}. Total {receipt['elapsed_s']:.0f} s of a {receipt['budget_s']:.0f} s "
@@ -386,6 +393,15 @@ def build_markdown(receipt: dict[str, Any]) -> str:
                          "budget (s)": f"{s['budget_s']:.0f}", "note": s.get("reason", "")[:160]}
                         for n, s in receipt["stages"].items()], ["stage", "status", "seconds", "budget (s)", "note"]),
     ]
+    carried = (receipt["stages"].get("carry") or {}).get("result") or {}
+    if carried:
+        facts = [f"parts this call {carried['parts_this_call'] or 'none'}", f"{carried['calls']} call(s) unpacked",
+                 f"missing parts {carried['missing_parts'] or 'none'}", *(f"{k}: {v}" for k, v in carried["items"].items()),
+                 *carried["notes"], *(f"unmet: {v}" for v in carried["unsatisfied_requirements"].values())]
+        lines += ["", "Carry (benchmarks/gpu_carry.py): " + "; ".join(facts) + "."]
+    env_drv = env.get("driver") or {}
+    if env_drv.get("error"):
+        lines += ["", f"Driver version not read: {env_drv['error']}"]
     prof = (receipt["stages"].get("kernel_profile") or {}).get("result") or {}
     for name in ("shiq_fused", "liger_flce", "sft_ce"):
         if name in prof:
@@ -429,6 +445,27 @@ def _result_of(stage: Stage, ctx: Context) -> dict[str, Any] | None:
     return _load(ctx.work / f"{stem}.json")
 
 
+def _run_group(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a process group of its own; past ``timeout_s`` the whole group is killed (the lockstep
+    trainers, a notebook's kernel), so that nothing of a stage that ran out of time runs on into the next one."""
+    import signal
+
+    with subprocess.Popen(argv, cwd=ROOT, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        finally:
+            try:  # whatever the stage left behind (daemon workers) goes with it
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def run_stage(stage: Stage, ctx: Context, budget_s: float) -> dict[str, Any]:
     """Run one stage within ``budget_s``; never raises (the error is the stage's status)."""
     t0 = time.perf_counter()
@@ -442,8 +479,7 @@ def run_stage(stage: Stage, ctx: Context, budget_s: float) -> dict[str, Any]:
                 rec.update(status="skipped", reason=ctx.skip.get(stage.name, "skipped"))
             else:
                 rec["command"] = " ".join(argv[1:])
-                proc = subprocess.run(argv, cwd=ROOT, env=offline_env(), capture_output=True, text=True,
-                                      timeout=budget_s)
+                proc = _run_group(argv, budget_s)
                 rec["result"] = _result_of(stage, ctx)
                 if proc.returncode != 0:
                     rec.update(status="failed", reason=f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}")
@@ -487,6 +523,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                              "budget_s": 0.0, "seconds": 0.0}
         else:
             print(f"gpu_check: {stage.name} (budget {budget:.0f} s)", flush=True)
+            # on record before it starts: a run killed from outside still says which stage it was in
+            receipt["stages"][stage.name] = {"status": "running", "budget_s": budget, "seconds": 0.0,
+                                             "reason": "killed while running (outer time limit)"}
+            write_receipt(receipt, out_dir)
             receipt["stages"][stage.name] = run_stage(stage, ctx, budget)
             print(f"gpu_check: {stage.name}: {receipt['stages'][stage.name]['status']} in "
                   f"{receipt['stages'][stage.name]['seconds']:.1f} s", flush=True)

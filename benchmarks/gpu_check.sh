@@ -19,4 +19,9 @@ if [ "${1:-}" = "--unpack-only" ]; then
   exec timeout --kill-after=10 300 "$PY" -m benchmarks.gpu_carry unpack
 fi
 # the script keeps to its own 480 s budget; this outer limit only catches a hang outside any stage
-exec timeout --kill-after=10 500 "$PY" -m benchmarks.gpu_check "$@"
+if [ -z "${OUT:-}" ]; then exec timeout --kill-after=10 500 "$PY" -m benchmarks.gpu_check "$@"; fi
+# on the device machine ($OUT is what comes back): the log, and the receipt even after a timeout
+timeout --kill-after=10 500 "$PY" -m benchmarks.gpu_check "$@" 2>&1 | tee "$OUT/gpu_check.log"
+rc=${PIPESTATUS[0]}
+cp benchmarks/results/gpu_check.json benchmarks/results/gpu_check.md "$OUT/" 2>/dev/null
+exit "$rc"

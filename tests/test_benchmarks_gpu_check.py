@@ -127,3 +127,30 @@ def test_the_gpu_commands_parse(tmp_path):
     args = importlib.import_module("benchmarks.bench_train_step").parse_args(
         gpu_check.STAGES[gpu_check.STAGE_NAMES.index("train_step")].command(ctx)[3:])
     assert args.batch * (args.prompt_len + args.completion_len) >= 16384  # the MFU goal's tokens per step
+
+
+def test_a_gpu_receipt_renders_in_the_readme_and_its_markdown(tmp_path):
+    """The paths that read a GPU receipt (the README block, the receipt's markdown) run only once a GPU run is
+    committed: here on a receipt shaped as a GPU run writes it (environment from CUDA and NVML)."""
+    from benchmarks.readme_sections import gpu_receipt
+
+    env = {"device": "cuda", "gpu": "NVIDIA H200", "cuda": "13.0", "capability": [9, 0],
+           "driver": {"source": "nvml", "driver": "580.159.03", "name": "NVIDIA H200"},
+           "versions": {m: "1.0" for m in gpu_check.MODULES}}
+    kernel = {"headline": {"time_fused_over_liger": 1.5, "matmul_floor": 4 / 3, "peak_memory_fused_over_liger": 0.9,
+                           "time_fused_over_liger_iqr": {"median": 1.5, "q1": 1.4, "q3": 1.6, "n": 15}}}
+    stages = {"carry": {"status": "ok", "seconds": 9.0, "budget_s": 60.0, "result": {
+                  "parts_this_call": ["3/3"], "calls": 3, "missing_parts": [], "items": {"trl": "complete"},
+                  "notes": [], "unsatisfied_requirements": {}}},
+              "environment": {"status": "ok", "seconds": 1.0, "budget_s": 20.0, "result": env},
+              "loss_kernel": {"status": "ok", "seconds": 40.0, "budget_s": 90.0, "result": kernel}}
+    receipt = {"receipt": "gpu_check", "dry_run": False, "budget_s": 480.0, "elapsed_s": 50.0, "finished": True,
+               "started_utc": "2026-12-01T13:00:00Z", "stages": stages}
+    gpu_check.write_receipt(receipt, tmp_path / "benchmarks" / "results")
+    text = gpu_receipt(tmp_path)
+    assert text.startswith("Receipt of 2026-12-01T13:00:00Z: NVIDIA H200, driver 580.159.03, CUDA 13.0")
+    assert "| loss kernel time / Liger fused linear CE (trained output layer) | <= 1.4 | 1.500 [1.400, 1.600] | NOT met |" \
+        in text
+    md = (tmp_path / "benchmarks" / "results" / "gpu_check.md").read_text()
+    assert "Device: NVIDIA H200, driver 580.159.03, CUDA 13.0" in md
+    assert "Carry (benchmarks/gpu_carry.py): parts this call ['3/3']; 3 call(s) unpacked; missing parts none" in md
