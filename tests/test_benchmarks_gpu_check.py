@@ -136,7 +136,7 @@ def test_a_gpu_receipt_renders_in_the_readme_and_its_markdown(tmp_path):
 
     env = {"device": "cuda", "gpu": "NVIDIA H200", "cuda": "13.0", "capability": [9, 0],
            "driver": {"source": "nvml", "driver": "580.159.03", "name": "NVIDIA H200"},
-           "versions": {m: "1.0" for m in gpu_check.MODULES}}
+           "versions": dict.fromkeys(gpu_check.MODULES, "1.0")}
     kernel = {"headline": {"time_fused_over_liger": 1.5, "matmul_floor": 4 / 3, "peak_memory_fused_over_liger": 0.9,
                            "time_fused_over_liger_iqr": {"median": 1.5, "q1": 1.4, "q3": 1.6, "n": 15}}}
     stages = {"carry": {"status": "ok", "seconds": 9.0, "budget_s": 60.0, "result": {
