@@ -490,7 +490,8 @@ def run_stage(stage: Stage, ctx: Context, budget_s: float) -> dict[str, Any]:
                 elif rec["result"] is None:
                     rec.update(status="failed", reason="no result file was written")
                 elif "Liger" in proc.stdout and "skipped" in proc.stdout:
-                    rec["note"] = "Liger's kernel skipped (needs CUDA and liger-kernel)"
+                    why = [line for line in proc.stdout.splitlines() if line.startswith("Liger's kernel fails here")]
+                    rec["note"] = "Liger's kernel skipped: " + (why[0] if why else "needs CUDA and liger-kernel")
     except subprocess.TimeoutExpired:
         rec.update(status="timeout", reason=f"ran past its {budget_s:.0f} s budget", result=_result_of(stage, ctx))
     except Exception as err:  # noqa: BLE001 -- one failing stage must not lose the others
