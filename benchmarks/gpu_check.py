@@ -489,6 +489,9 @@ def run_stage(stage: Stage, ctx: Context, budget_s: float) -> dict[str, Any]:
                     rec.update(status="failed", reason=f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}")
                 elif rec["result"] is None:
                     rec.update(status="failed", reason="no result file was written")
+                elif stage.name == "cuda_tests" and not ctx.dry_run and rec["result"]["skipped"]:
+                    rec.update(status="failed", reason="a CUDA test skipped on the GPU: "
+                               + "; ".join(c["detail"] for c in rec["result"]["cases"] if c["status"] == "skipped"))
                 elif "Liger" in proc.stdout and "skipped" in proc.stdout:
                     why = [line for line in proc.stdout.splitlines() if line.startswith("Liger's kernel fails here")]
                     rec["note"] = "Liger's kernel skipped: " + (why[0] if why else "needs CUDA and liger-kernel")
