@@ -366,7 +366,7 @@ def _needs_newer(wheels: list[Path], have: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _pip_target(wheels: list[Path], site: Path) -> tuple[list[str], list[str]]:
+def _pip_target(wheels: list[Path], site: Path, timeout_s: float = 300.0) -> tuple[list[str], list[str]]:
     """Install ``wheels`` into a fresh folder, then merge it into ``site`` (pip --target would skip, or with
     --upgrade replace, a folder such as ``bin/`` or ``share/`` that an earlier install made)."""
     ok, failed = [], []
@@ -375,13 +375,18 @@ def _pip_target(wheels: list[Path], site: Path) -> tuple[list[str], list[str]]:
     tmp = Path(tempfile.mkdtemp(prefix="gpu-site-", dir=site))
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
            "--disable-pip-version-check", "--target", str(tmp)]
-    proc = subprocess.run([*cmd, *map(str, wheels)], capture_output=True, text=True, timeout=300)
-    if proc.returncode == 0:
-        ok = [w.name for w in wheels]
-    else:  # one at a time, so one bad wheel costs only itself
-        for w in wheels:
-            p = subprocess.run([*cmd, str(w)], capture_output=True, text=True, timeout=120)
-            (ok.append(w.name) if p.returncode == 0 else failed.append(f"{w.name}: {p.stderr.strip()[-300:]}"))
+    deadline = time.monotonic() + timeout_s
+    try:
+        proc = subprocess.run([*cmd, *map(str, wheels)], capture_output=True, text=True, timeout=timeout_s)
+        if proc.returncode == 0:
+            ok = [w.name for w in wheels]
+        else:  # one at a time, so one bad wheel costs only itself
+            for w in wheels:
+                p = subprocess.run([*cmd, str(w)], capture_output=True, text=True,
+                                   timeout=max(1.0, deadline - time.monotonic()))
+                (ok.append(w.name) if p.returncode == 0 else failed.append(f"{w.name}: {p.stderr.strip()[-300:]}"))
+    except subprocess.TimeoutExpired:
+        failed += [f"{w.name}: pip ran past {timeout_s:.0f} s" for w in wheels if w.name not in ok]
     shutil.copytree(tmp, site, dirs_exist_ok=True)
     shutil.rmtree(tmp)
     return ok, failed
@@ -417,7 +422,7 @@ def _assemble(item: dict[str, Any], chunks: Path, root: Path) -> str:
 
 
 def unpack(root: Path = ROOT, *, carry: Path | None = None, site: Path | None = None,
-           dry_run: bool = False) -> dict[str, Any]:
+           dry_run: bool = False, pip_timeout_s: float = 300.0) -> dict[str, Any]:
     """Install / stage every part found under ``carry`` (default ``root/.gpu-carry``) into ``site`` (default
     ``root/.gpu-site``) and ``root/.assets``; returns (and records in ``site``) what is there and what is missing.
 
@@ -466,7 +471,7 @@ def unpack(root: Path = ROOT, *, carry: Path | None = None, site: Path | None = 
     if dry_run:
         call["would_install"] = [w.name for w in missing]
     else:
-        call["installed"], call["failed"] = _pip_target(missing, site)
+        call["installed"], call["failed"] = _pip_target(missing, site, pip_timeout_s)
         have = installed(site)
     items = {}
     for it in (plan or {}).get("items", []):
