@@ -512,7 +512,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     # a dry run installs and joins into a temporary folder: this machine's environment and .assets stay as they are
     site = args.site or (work / "root" / SITE_DIR if args.dry_run else ROOT / SITE_DIR)
-    ctx = Context(dry_run=args.dry_run, device=device, work=work, carry=args.carry, site=site, skip={},
+    carried = args.carry or (work / "no-carry" if args.dry_run else ROOT / CARRY_DIR)
+    ctx = Context(dry_run=args.dry_run, device=device, work=work, carry=carried, site=site, skip={},
                   assets_root=work / "root" if args.dry_run else ROOT)
     paths = [str(site), *([str(STANDINS)] if args.dry_run else [])]
     sys.path[:0] = [p for p in paths if p not in sys.path]
@@ -557,8 +558,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stages", nargs="+", choices=STAGE_NAMES, default=list(STAGE_NAMES))
     ap.add_argument("--budget-s", type=float, default=None, help=f"total seconds (default {TOTAL_BUDGET_S:.0f}; 300 dry)")
     ap.add_argument("--stage-budget", nargs="*", default=[], metavar="STAGE=SECONDS", help="override a stage's budget")
-    ap.add_argument("--carry", type=Path, default=ROOT / CARRY_DIR,
-                    help="folder of the carried parts (default .gpu-carry; see benchmarks/gpu_carry.py)")
+    ap.add_argument("--carry", type=Path, default=None,
+                    help="folder of the carried parts (default .gpu-carry; none with --dry-run, whose Python need "
+                         "not be the device's 3.12; see benchmarks/gpu_carry.py)")
     ap.add_argument("--site", type=Path, default=None,
                     help="install target of the carried wheels (default .gpu-site; a temporary folder with --dry-run)")
     ap.add_argument("--stage-worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
