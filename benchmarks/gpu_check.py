@@ -24,8 +24,9 @@ the total), so that a stage that fails, hangs or runs out of time loses only its
 Budgets: the stages' own budgets add up to more than the 480 s total on purpose: each is what that stage may
 take at most, the total caps them all, and the order is the priority, so a slow stage costs the ones after it
 (notebook 04 last). Estimated for an H200 (not yet measured: no GPU run so far; the first CUDA initialisation and
-Triton compilation in each subprocess included): carry 15 s, environment 3, precision 15, loss_kernel 45, cuda_tests 20, train_step 90, kernel_profile
-15, reference_precompute 25, leaving about 250 s, of which notebook 04 may take 200.
+Triton compilation in each subprocess included): carry 15 s, environment 3, precision 15, loss_kernel 45,
+cuda_tests 20, train_step 90, kernel_profile 15, reference_precompute 25, leaving about 250 s, of which notebook 04
+may take 200.
 
 2-process FSDP is not a stage: one GPU cannot host a 2-rank NCCL group; its equivalence with one process runs
 on CPU (gloo) in ``tests/test_distributed.py``. Goals (ratios within this one run, medians [quartiles] over
@@ -515,7 +516,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     carried = args.carry or (work / "no-carry" if args.dry_run else ROOT / CARRY_DIR)
     ctx = Context(dry_run=args.dry_run, device=device, work=work, carry=carried, site=site, skip={},
                   assets_root=work / "root" if args.dry_run else ROOT)
-    paths = [str(site), *([str(STANDINS)] if args.dry_run else [])]
+    # the checkout first: nothing carried may shadow its packages (benchmarks, shiq_lab, tests)
+    paths = [str(ROOT), str(site), *([str(STANDINS)] if args.dry_run else [])]
     sys.path[:0] = [p for p in paths if p not in sys.path]
     os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
     total = args.budget_s or (300.0 if args.dry_run else TOTAL_BUDGET_S)
