@@ -154,3 +154,39 @@ def test_a_gpu_receipt_renders_in_the_readme_and_its_markdown(tmp_path):
     md = (tmp_path / "benchmarks" / "results" / "gpu_check.md").read_text()
     assert "Device: NVIDIA H200, driver 580.159.03, CUDA 13.0" in md
     assert "Carry (benchmarks/gpu_carry.py): parts this call ['3/3']; 3 call(s) unpacked; missing parts none" in md
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.5), ("NVIDIA H200 NVL", 835.5), ("NVIDIA GH200 480GB", 989.5),
+                                        ("NVIDIA H100 80GB HBM3", 989.5), ("NVIDIA H100 PCIe", 756.5)])
+def test_mfu_peak_of_the_gpus_by_name(monkeypatch, name, peak):
+    """The MFU peak a CUDA run reads off the device name (datasheet dense bf16: half the 'with sparsity' figure)."""
+    import torch
+
+    from benchmarks import common
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert common.peak_tflops(torch.device("cuda"), True, None)[0] == peak
+
+
+def test_driver_from_nvml_else_nvidia_smi_else_the_reason(monkeypatch):
+    """environment()'s driver probe, the GPU-only path, with a stand-in NVML (older nvidia-ml-py returns bytes)."""
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlSystemGetDriverVersion=lambda: b"580.159.03",
+        nvmlDeviceGetName=lambda h: "NVIDIA H200",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=150754820096))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert gpu_check._driver() == {"source": "nvml", "driver": "580.159.03", "name": "NVIDIA H200",
+                                   "memory_bytes": 150754820096}
+    assert calls == ["init", "shutdown"]
+
+    def broken() -> None:
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    fake.nvmlInit = broken
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi either
+    out = gpu_check._driver()
+    assert out["source"] is None and "NVML Shared Library Not Found" in out["error"] and "nvidia-smi" in out["error"]
