@@ -348,8 +348,9 @@ def installed(site: Path) -> dict[str, str]:
     return out
 
 
-def _needs_newer(wheels: list[Path], have: dict[str, str]) -> dict[str, str]:
-    """``{dist: why}`` for installed distributions that a carried wheel requires in another version."""
+def _needs_newer(wheels: list[Path], have: dict[str, str], *, absent: bool = False) -> dict[str, str]:
+    """``{dist: why}`` for installed distributions that a carried wheel requires in another version (and, with
+    ``absent``, for required ones not installed at all: the image lacks something it was thought to have)."""
     try:
         from packaging.requirements import Requirement
     except ImportError:  # no packaging: nothing is judged, only missing distributions are installed
@@ -363,6 +364,8 @@ def _needs_newer(wheels: list[Path], have: dict[str, str]) -> dict[str, str]:
             found = have.get(norm(req.name))
             if found is not None and not req.specifier.contains(found, prereleases=True):
                 out[norm(req.name)] = f"{wheel_dist(w.name)[0]} needs {req}, found {found}"
+            elif found is None and absent:
+                out[norm(req.name)] = f"{wheel_dist(w.name)[0]} needs {req}, not installed"
     return out
 
 
@@ -488,7 +491,7 @@ def unpack(root: Path = ROOT, *, carry: Path | None = None, site: Path | None = 
     state["items"] = items
     seen = {p.split("/")[0] for c in state["calls"] for p in c["parts"]}
     state["missing_parts"] = [str(i) for i in range(1, (plan or {}).get("parts", 0) + 1) if str(i) not in seen]
-    state["unsatisfied"] = _needs_newer(to_install, have)
+    state["unsatisfied"] = _needs_newer(to_install, have, absent=not dry_run)
     if not dry_run:
         site.mkdir(parents=True, exist_ok=True)
         state_path.write_text(json.dumps(state, indent=1) + "\n")

@@ -115,6 +115,16 @@ def test_unpack_call_by_call_installs_joins_and_says_what_is_missing(tmp_path):
     assert json.loads((site / gpu_carry.STATE_FILE).read_text())["items"]["asset"] == "complete"
 
 
+def test_unpack_reports_a_requirement_that_nothing_installs(tmp_path):
+    wheels = tmp_path / "w"
+    wheels.mkdir()
+    whl = tiny_wheel(wheels, name="shiqlonely", requires=("shiq-no-such-dist>=1",))
+    write_parts([Item("lonely", "wheels", whl.stat().st_size, files=[str(whl)])], 10**6, tmp_path / "root/.gpu-carry")
+    state = unpack(tmp_path / "root")
+    assert state["items"] == {"lonely": "complete"}  # installed, but it will not import its requirement:
+    assert state["unsatisfied"] == {"shiq-no-such-dist": "shiqlonely needs shiq-no-such-dist>=1, not installed"}
+
+
 def test_unpack_reports_an_unmet_requirement_of_a_carried_wheel(tmp_path):
     wheels = tmp_path / "w"
     wheels.mkdir()
