@@ -525,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         for note in plan["notes"]:
             print(f"gpu_carry: {note}")
         n = plan["parts"]
-        print(f"gpu_carry: {n} part(s) of at most {plan['budget_bytes'] / 2**20:.1f} MiB in {args.out}; device calls:")
+        sizes = [sum(f.stat().st_size for f in (args.out / str(i)).iterdir()) / 2**20 for i in range(1, n + 1)]
+        print(f"gpu_carry: {n} part(s) of at most {plan['budget_bytes'] / 2**20:.1f} MiB in {args.out} ("
+              + ", ".join(f"{s:.1f}" for s in sizes) + " MiB); device calls, back to back (a machine stays warm ~30 s):")
         for i in range(1, n + 1):
             cmd = "bash benchmarks/gpu_check.sh" if i == n else "bash benchmarks/gpu_check.sh --unpack-only"
             print(f"  run(command={cmd!r}, carry=[\"{CARRY_DIR}/{i}\"]" + (", timeout_s=560)" if i == n else ", timeout_s=120)"))
