@@ -11,8 +11,9 @@ the total), so that a stage that fails, hangs or runs out of time loses only its
   chunks (:mod:`benchmarks.gpu_carry`); records which parts of the carry reached this machine and what is missing.
 - ``environment``: device, driver, CUDA, and the versions of torch, transformers, triton, trl, liger-kernel, ...
 - ``precision``: bf16 against fp64 values and gradients of the fused ShiQ loss (the CPU test's tolerances).
-- ``loss_kernel``: ``bench_loss_kernel`` in bf16 at V = 49,152, T = 512 to 4,096: fused ShiQ against
-  ``F.cross_entropy`` and Liger's fused linear cross-entropy, time and peak CUDA memory.
+- ``loss_kernel``: ``bench_loss_kernel`` in bf16 at V = 49,152, T = 512 to 4,096: fused ShiQ (the plain kernel and
+  its ``torch.compile``'d per-tile steps, ``--compiled``) against ``F.cross_entropy`` and Liger's fused linear
+  cross-entropy, time and peak CUDA memory.
 - ``cuda_tests``: the tests that only run on CUDA (``torch.cuda.set_sync_debug_mode`` counts the syncs of a step).
 - ``train_step``: ``bench_train_step`` on SmolLM2-135M's shape, bf16, 32 x 512 = 16,384 tokens per step:
   ShiQTrainer against the SFT Trainer and TRL's DPOTrainer (default and precomputed reference); tokens/s,
@@ -24,9 +25,9 @@ the total), so that a stage that fails, hangs or runs out of time loses only its
 Budgets: the stages' own budgets add up to more than the 480 s total on purpose: each is what that stage may
 take at most, the total caps them all, and the order is the priority, so a slow stage costs the ones after it
 (notebook 04 last). Estimated for an H200 (not yet measured: no GPU run so far; the first CUDA initialisation and
-Triton compilation in each subprocess included): carry 15 s, environment 3, precision 15, loss_kernel 45,
-cuda_tests 20, train_step 90, kernel_profile 15, reference_precompute 25, leaving about 250 s, of which notebook 04
-may take 200.
+Triton compilation in each subprocess included): carry 15 s, environment 3, precision 15, loss_kernel 75 (30 of them compiling),
+cuda_tests 20, train_step 90, kernel_profile 15, reference_precompute 25, leaving about 220 s, of which notebook 04
+may take 170.
 
 2-process FSDP is not a stage: one GPU cannot host a 2-rank NCCL group; its equivalence with one process runs
 on CPU (gloo) in ``tests/test_distributed.py``. Goals (ratios within this one run, medians [quartiles] over
@@ -62,6 +63,8 @@ GOALS: tuple[tuple[str, str, str, float], ...] = (
     ("shiq_mfu", "ShiQ MFU, SmolLM2-135M, >= 16k tokens per step", ">=", 0.35),
     ("fused_over_liger_time", "loss kernel time / Liger fused linear CE (trained output layer)", "<=", 1.4),
     ("fused_over_liger_memory", "loss kernel peak memory / Liger fused linear CE", "<=", 1.0),
+    ("compiled_over_liger_time", "compiled loss kernel time / Liger fused linear CE (trained output layer)", "<=", 1.4),
+    ("compiled_over_liger_memory", "compiled loss kernel peak memory / Liger fused linear CE", "<=", 1.0),
 )
 MODULES = ("torch", "transformers", "accelerate", "peft", "triton", "trl", "liger_kernel", "datasets", "papermill",
            "ipykernel", "plotly", "gguf", "tensorboard", "pandas", "pyarrow", "nvidia-ml-py")
@@ -183,17 +186,18 @@ def worker_kernel_profile(device: str, dry_run: bool) -> dict[str, Any]:
     import torch
 
     from benchmarks.common import profile_table
-    from benchmarks.kernel_cases import METHODS, liger_available, make_problem
+    from benchmarks.kernel_cases import METHODS, compiled_available, liger_available, make_problem
 
     dev = torch.device(device)
     t, h, v = (64, 32, 1000) if dry_run else (4096, 576, 49152)
     p = make_problem(1, t, h, v, dtype=torch.bfloat16, device=dev)
     out: dict[str, Any] = {"shape": {"batch": 1, "seq_len": t, "hidden": h, "vocab": v}, "dtype": "bfloat16"}
-    for name in ("shiq_fused", "sft_ce", *(("liger_flce",) if liger_available(dev) else ())):
+    peers = (*(("shiq_compiled",) if compiled_available(dev) else ()), *(("liger_flce",) if liger_available(dev) else ()))
+    for name in ("shiq_fused", "sft_ce", *peers):
         def step(name=name):
             METHODS[name](p).backward()
             p.hidden.grad = p.weight.grad = None
-        step()  # warm-up (Triton compiles on first use)
+        step()  # warm-up (Triton, and torch.compile for shiq_compiled, compile on first use)
         out[name] = profile_table(step, dev, rows=12)
     return out
 
@@ -298,16 +302,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("carry", 60, 60, inline=carry),
     Stage("environment", 20, 20, inline=environment),
     Stage("precision", 40, 60, command=_worker("precision")),
-    # TODO(lead): when shiq_lab/lm/kernel.py gains its torch.compile variant, add it to benchmarks/kernel_cases.py
-    # as a method beside shiq_fused (METHODS, run_case's names and a time_compiled_over_liger ratio) and to
-    # evaluate_goals here; its first call compiles (tens of seconds): warm it up before the timed rounds and add
-    # that to this stage's budget (taken from notebook04's).
-    Stage("loss_kernel", 90, 120, command=_bench(
+    # --compiled: the kernel's torch.compile path as a row of its own; it compiles in the warm-up rounds (30 s
+    # budgeted for that, taken from notebook04's)
+    Stage("loss_kernel", 120, 150, command=_bench(
         "bench_loss_kernel", "loss_kernel_gpu",
-        ["--dtype", "bfloat16", "--liger", "--batch", "1", "--seq-len", "4096", "--rounds", "15", "--warmup", "3",
+        ["--dtype", "bfloat16", "--liger", "--compiled", "--batch", "1", "--seq-len", "4096", "--rounds", "15", "--warmup", "3",
          "--repeats", "3", "--scaling-seq-lens", "512", "1024", "2048", "4096", "--scaling-vocabs", "49152",
          "--scaling-rounds", "10"],
-        ["--dtype", "bfloat16", "--liger", "--no-scaling"])),
+        ["--dtype", "bfloat16", "--liger", "--compiled", "--no-scaling"])),
     Stage("cuda_tests", 40, 90, command=_cuda_tests),
     Stage("train_step", 150, 240, command=_bench(
         "bench_train_step", "train_step_gpu",
@@ -319,7 +321,7 @@ STAGES: tuple[Stage, ...] = (
         "bench_reference_precompute", "reference_precompute_gpu",
         ["--preset", "smollm2-135m", "--dtype", "bfloat16", "--rows", "256", "--batch", "32", "--prompt-len", "128",
          "--completion-len", "384", "--rounds", "5", "--warmup", "1"], [])),
-    Stage("notebook04", 200, 300, command=_notebook),
+    Stage("notebook04", 170, 300, command=_notebook),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -356,6 +358,11 @@ def evaluate_goals(stages: dict[str, Any]) -> list[dict[str, Any]]:
         values["fused_over_liger_time"] = (r["median"], [r["q1"], r["q3"]],
                                            f"floor 4/3; measured / floor = {r['median'] / head['matmul_floor']:.3f}")
         values["fused_over_liger_memory"] = (head["peak_memory_fused_over_liger"], None, "peak CUDA bytes")
+    if "time_compiled_over_liger" in head:
+        r = head["time_compiled_over_liger_iqr"]
+        values["compiled_over_liger_time"] = (r["median"], [r["q1"], r["q3"]],
+                                              f"floor 4/3; measured / floor = {r['median'] / head['matmul_floor']:.3f}")
+        values["compiled_over_liger_memory"] = (head["peak_memory_compiled_over_liger"], None, "peak CUDA bytes")
     out = []
     for key, text, op, bound in GOALS:
         row: dict[str, Any] = {"goal": key, "what": text, "bound": f"{op} {bound}"}

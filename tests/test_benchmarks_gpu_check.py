@@ -53,6 +53,11 @@ def test_dry_run_one_stage_out_of_time_loses_only_itself(tmp_path):
     assert list(goals) == [g[0] for g in gpu_check.GOALS]
     assert goals["fused_over_liger_time"]["value"] == kernel["result"]["headline"]["time_fused_over_liger_iqr"]["median"]
     assert goals["fused_over_liger_memory"]["status"] in ("met", "NOT met")
+    # and the compiled kernel's row (--compiled) with its own Liger goals
+    assert kernel["result"]["settings"]["compiled"] is True and "shiq_compiled" in kernel["result"]["main"][0]["times"]
+    assert goals["compiled_over_liger_time"]["value"] == \
+        kernel["result"]["headline"]["time_compiled_over_liger_iqr"]["median"]
+    assert goals["compiled_over_liger_memory"]["status"] in ("met", "NOT met")
     # no trainer stage: its goals are reported, none is claimed
     assert {goals[k]["status"] for k in ("shiq_over_sft", "shiq_over_dpo", "shiq_mfu")} == {"not measured"}
 
