@@ -278,7 +278,8 @@ def _cuda_tests(ctx: Context) -> list[str]:
 
 
 #: the test functions that need a CUDA device (they skip elsewhere)
-CUDA_TESTS = ("tests/test_step_syncs.py::test_on_cuda_the_step_makes_no_sync_of_its_own",)
+CUDA_TESTS = ("tests/test_step_syncs.py::test_on_cuda_the_step_makes_no_sync_of_its_own",
+              "tests/test_kernel_compiled.py::test_on_cuda_compiled_equals_plain_and_makes_no_sync")
 
 
 def _junit(path: Path) -> dict[str, Any] | None:

@@ -164,3 +164,33 @@ def test_missing_inductor_toolchain_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(triton_utils, "has_triton", lambda: False)
     with pytest.raises(RuntimeError, match="needs triton"):
         kernel._require_inductor(torch.device("cuda"))
+
+
+def _cuda_check(dtype: torch.dtype) -> None:
+    from shiq_lab.losses import trusted_inputs
+
+    dev = torch.device("cuda")
+    h, w, _, a, mask, gp, gz = (t.detach().to(dev) if t is not None else None
+                                for t in _batch(5, B=3, T=300, H=576, V=5000, dtype=dtype, bias=False))
+    h.requires_grad_(True)
+    w.requires_grad_(True)
+    plain = _run(lambda: chunked_token_logprobs(h, w, a, mask=mask), h, w, None, gp, gz)
+    comp = _run(lambda: chunked_token_logprobs(h, w, a, mask=mask, compiled=True), h, w, None, gp, gz)
+    for name, p, c in zip(("logp", "logz", "grad_hidden", "grad_weight"), plain, comp):
+        err = float((c.double() - p.double()).abs().max()) / float(p.abs().max())
+        assert err < (1e-5 if dtype == torch.float32 else 2e-2), (dtype, name, err)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call below raises
+    try:
+        with trusted_inputs():
+            logp, logz = chunked_token_logprobs(h, w, a, mask=mask, compiled=True)
+            ((logp * gp.to(logp.dtype)).sum() + (logz * gz.to(logz.dtype)).sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_compiled_equals_plain_and_makes_no_sync():
+    # the GPU check's cuda_tests stage runs this: Triton kernels, SmolLM2's hidden size, default (CUDA) tiles
+    for dtype in (torch.float32, torch.bfloat16):
+        _cuda_check(dtype)

@@ -318,6 +318,9 @@ def chunked_token_logprobs(
             up to floating-point rounding. Compiled on first use and cached: one graph per step for
             every tile shape (``dynamic=True``), so changing batch sizes do not recompile. Needs
             inductor's toolchain (triton on CUDA, a C++ compiler on CPU), else one clear error.
+            One difference from the plain path: with a frozen output layer in bf16 the forward step
+            that also accumulates ``E_softmax[W]`` is a graph of its own, so its ``logz`` can differ
+            in the last bit from a no-grad call's (the plain path gives the same bits).
 
     Returns:
         ``(logp, logz)``, shaped like ``actions``, fp32 (fp64 for fp64 inputs): log pi(a_t|s_t)
