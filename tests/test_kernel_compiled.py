@@ -194,3 +194,13 @@ def test_on_cuda_compiled_equals_plain_and_makes_no_sync():
     # the GPU check's cuda_tests stage runs this: Triton kernels, SmolLM2's hidden size, default (CUDA) tiles
     for dtype in (torch.float32, torch.bfloat16):
         _cuda_check(dtype)
+
+
+def test_config_takes_the_compiled_mode_and_names_the_choices(tmp_path):
+    from shiq_lab.errors import ConfigError
+    from shiq_lab.train.config import ShiQConfig
+
+    cfg = ShiQConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, logits_mode="chunked-compiled")
+    assert cfg.logits_mode == "chunked-compiled"
+    with pytest.raises(ConfigError, match="'auto', 'chunked', 'chunked-compiled', 'full'"):
+        ShiQConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, logits_mode="compiled")
