@@ -63,6 +63,20 @@ def _run(fn, h, w, b, gp, gz):
             None if b is None or b.grad is None else b.grad.clone()]
 
 
+@pytest.fixture
+def compiled_calls(monkeypatch):
+    """The ``compiled`` flag of every call of the kernel's step lookup: shows which path ran."""
+    calls = []
+    original = kernel._steps
+
+    def spy(compiled, device):
+        calls.append(compiled)
+        return original(compiled, device)
+
+    monkeypatch.setattr(kernel, "_steps", spy)
+    return calls
+
+
 def _both(batch, **kw):
     h, w, b, a, mask, gp, gz = batch
     out = {}
@@ -127,7 +141,7 @@ def test_bf16_as_accurate_as_the_bf16_reference(weight_grad):
         assert err_got <= 2 * err_ref + 1e-3, (name, err_got, err_ref)
 
 
-def test_token_stats_chunked_compiled_mode_equals_chunked():
+def test_token_stats_chunked_compiled_mode_equals_chunked(compiled_calls):
     from shiq_lab.data.batch import ShiQCollator
     from shiq_lab.data.encode import tokenize_dataset
     from shiq_lab.data.toy import synthetic_dataset
@@ -144,6 +158,7 @@ def test_token_stats_chunked_compiled_mode_equals_chunked():
         logp, logz = token_stats(model, b["input_ids"], b["attention_mask"], b["action_mask"], logits_mode=mode)
         (logp * 0.3 + logz.square() * 0.01).sum().backward()
         out[mode] = (logp.detach(), logz.detach(), model.get_output_embeddings().weight.grad.clone())
+    assert compiled_calls == [False, False, True, True]  # forward and backward of each mode
     for name, p, c in zip(("logp", "logz", "grad_output_layer"), out["chunked"], out["chunked-compiled"]):
         torch.testing.assert_close(c, p, rtol=1e-6, atol=1e-6 * float(p.abs().max()), msg=name)
 
@@ -204,3 +219,27 @@ def test_config_takes_the_compiled_mode_and_names_the_choices(tmp_path):
     assert cfg.logits_mode == "chunked-compiled"
     with pytest.raises(ConfigError, match="'auto', 'chunked', 'chunked-compiled', 'full'"):
         ShiQConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, logits_mode="compiled")
+
+
+def test_training_with_the_compiled_mode_follows_the_plain_one(tmp_path, compiled_calls):
+    # ShiQTrainer passes logits_mode to its step and to the reference precompute: 3 steps, the same losses
+    from shiq_lab.data.toy import synthetic_dataset
+    from shiq_lab.infra.models import load_model
+    from shiq_lab.train.config import ShiQConfig
+    from shiq_lab.train.trainer import ShiQTrainer
+
+    losses = {}
+    for mode in ("chunked", "chunked-compiled"):
+        torch.manual_seed(0)
+        model, tok = load_model("tiny")
+        args = ShiQConfig(output_dir=str(tmp_path / mode), report_to="none", use_cpu=True, save_strategy="no",
+                          disable_tqdm=True, per_device_train_batch_size=4, learning_rate=1e-2, max_steps=3,
+                          ref_cache_dir=str(tmp_path / mode / "cache"), beta=0.5, max_length=32, seed=0,
+                          logits_mode=mode, logging_steps=1)
+        trainer = ShiQTrainer(model=model, args=args, train_dataset=synthetic_dataset(8, seed=1), processing_class=tok)
+        trainer.train()
+        losses[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses["chunked"]) == 3 and losses["chunked"][1] != losses["chunked"][0]
+    assert losses["chunked-compiled"] == pytest.approx(losses["chunked"], rel=1e-5)
+    # the reference precompute and each step's forward and backward took the path of their run's mode
+    assert True in compiled_calls and compiled_calls.index(True) > 0 and all(compiled_calls[compiled_calls.index(True):])
