@@ -68,6 +68,20 @@ def _cache_name(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def _last_logits_only(model: torch.nn.Module) -> dict[str, int]:
+    """The keyword that makes ``forward`` compute the last position's logits only, where it has one.
+
+    A prefill of B prompts of L tokens would otherwise build [B, L, V] logits (gigabytes at V ~ 50k) to read
+    [B, V] of them.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 def _cache_of(output: Any) -> Any:
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
@@ -94,7 +108,8 @@ def sample_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *,
     input_ids, attn = input_ids.to(device), attn.to(device)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     cache_kw = _cache_name(model)
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                **_last_logits_only(model))
     past, logits = _cache_of(out), out.logits[:, -1]
     next_pos = positions[:, -1] + 1
     done = torch.zeros(len(rows_in), dtype=torch.bool, device=device)
