@@ -77,7 +77,7 @@ def build_markdown(payload: dict[str, Any]) -> str:
         "",
     ]
     rows = []
-    for name, r in res.items():
+    for r in res.values():
         rows.append({"batch": r["batch_size"], "seconds": iqr_text(r["times"][clock]),
                      "trajectories/s": f"{r['trajectories_per_s']:.3f}",
                      "speed-up over batch 1": iqr_text(r["speedup"][clock]) if r.get("speedup") else "1",

@@ -165,3 +165,15 @@ def test_bad_rollout_arguments_are_refused(tiny64, short) -> None:
         rollouts(model, tok, short[:2], [0])
     with pytest.raises(ValueError, match="batch_size=0"):
         rollouts(model, tok, short[:1], [0], batch_size=0)
+
+
+def test_sweep_evaluation_does_not_depend_on_the_rollout_batch_size(tiny64, short) -> None:
+    from shiq_lab.tasks.bfcl.sweep import BfclSweepConfig, evaluate_bfcl
+
+    model, tok = tiny64
+    evals = [evaluate_bfcl(model, model, tok, short, BfclSweepConfig(
+        model="tiny", max_new_tokens=6, eval_samples_per_entry=2, rollout_batch_size=b)) for b in (1, 3)]
+    assert evals[0] == evals[1] and evals[0].n_trajectories == 8 and evals[0].n_turns == 2 * 10
+    assert [x["episode_id"] for x in evals[0].examples] == [e.id for e in short]  # the first sample of each entry
+    with pytest.raises(ValueError, match="rollout_batch_size=0"):
+        BfclSweepConfig(rollout_batch_size=0)

@@ -51,7 +51,8 @@ class Trajectory:
     messages: list[dict[str, Any]]  # the conversation, assistant messages with their turn's reward
     input_ids: list[int] = field(default_factory=list)
     action_mask: list[int] = field(default_factory=list)
-    # the model side's back-end state after the last turn (plain data, :meth:`.backends.Backends.state`)
+    # the model side's back-end state after the last turn (plain data, :meth:`.backends.Backends.state`); set by
+    # :func:`rollouts`, None for trajectories built from given calls (:func:`.dataset.execute`)
     final_state: dict[str, Any] | None = None
 
     @property
