@@ -3,8 +3,8 @@ with the same global batch.
 
 The loss of each micro-batch is its sum of terms divided by the item count of the whole step on
 all processes (see shiq_lab.train.trainer), so the split of a global batch over processes must not change
-the losses, the gradient norms or the trained weights. One 2-process run takes 30-60 s on 2 cores
-(two interpreters importing torch + transformers); it is part of ``make test`` all the same, since
+the losses, the gradient norms or the trained weights. One 2-process run takes 6-8 s on 2 cores
+(two interpreters importing torch + transformers; up to a minute on a loaded machine); it is part of ``make test`` all the same, since
 this equality is what multi-GPU users rely on. The single-process counterpart of the same
 normalisation is tests/test_trainer.py::test_gradient_accumulation_gives_the_same_losses_as_a_big_batch.
 
@@ -12,8 +12,8 @@ FSDP on CPU: torch's FSDP2 runs on gloo, but accelerate 1.15 enables FSDP only o
 CPU processes ``distributed_type: FSDP`` silently stays DDP over gloo with ``use_cpu``, or becomes
 ``NO``, every process training alone, without it). ``tests/helpers/accelerate_fsdp_cpu.py`` lets
 the state become FSDP with the plugin of ``configs/accelerate/fsdp.yaml``; the test asserts that the
-parameters really are sharded DTensors. The DRO cases are strict xfails that document two trainer bugs
-(see their reasons); they flip to failures, and should be un-marked, when the trainer is fixed.
+parameters really are sharded DTensors. DRO (a value head outside the decoder) is checked under both
+engines.
 """
 
 import json
@@ -29,11 +29,19 @@ import torch
 from safetensors.torch import load_file
 
 from shiq_lab import cli
+from shiq_lab.infra.models import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = str(ROOT / "configs" / "train" / "tiny_cpu.yaml")
 FSDP_CONFIG = str(ROOT / "configs" / "accelerate" / "fsdp.yaml")
 FSDP_SHIM = str(ROOT / "tests" / "helpers" / "accelerate_fsdp_cpu.py")
+# Weights are compared by their update, not elementwise: Adam divides each gradient by its own running
+# scale, so an element whose gradient is ~1e-7 moves by ~lr whatever its sign, and a reduction-order
+# difference between 1 and 2 processes (sums over 4 rows vs 2 + 2) moves it by up to ~1 % of lr.
+# Measured (tiny model, 3 steps, lr 1e-3): DRO under FSDP 2.7e-5 over all weights, 7.4e-5 for the worst
+# tensor; a bug that drops one process's half of the batch gives 0.58-0.96 per tensor (the 1-process run on half the
+# batch against the full one, DRO and ShiQ): 1e-3 sits 13x above the noise and ~600x below that.
+UPDATE_RTOL = 1e-3
 METRICS = ("loss", "grad_norm", "kl", "logratio", "residual_abs_mean", "first_residual_abs_mean")
 
 
@@ -80,6 +88,7 @@ def _assert_two_equal_one(tmp_path, loss_type: str) -> None:
         for key in METRICS:
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (key, a["step"])
+    w0 = load_file(str(next(Path(resolve_model("tiny")).glob("*.safetensors"))))
     w1 = load_file(str(tmp_path / "one" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "two" / "model.safetensors"))
     # FSDP's full state dict also writes the tied output layer: it must be the embedding
@@ -87,12 +96,20 @@ def _assert_two_equal_one(tmp_path, loss_type: str) -> None:
         assert torch.equal(w2.pop("lm_head.weight"), w2["model.embed_tokens.weight"])
     assert set(w1) == set(w2)
     for k in w1:
-        assert torch.allclose(w1[k], w2[k], atol=1e-5), k
-    if loss_type == "dro":  # the value head is trained and saved alike
+        assert update_error(w0[k], w1[k], w2[k]) <= UPDATE_RTOL, k
+    if loss_type == "dro":  # the value head is trained and saved alike (it starts at zero)
         h1 = load_file(str(tmp_path / "one" / "shiq_value_head.safetensors"))
         h2 = load_file(str(tmp_path / "two" / "shiq_value_head.safetensors"))
+        assert set(h1) == set(h2)
         for k in h1:
-            assert torch.allclose(h1[k], h2[k], atol=1e-5), k
+            assert update_error(torch.zeros_like(h1[k]), h1[k], h2[k]) <= UPDATE_RTOL, k
+
+
+def update_error(start: torch.Tensor, one: torch.Tensor, two: torch.Tensor) -> float:
+    """||two - one|| / ||one - start||: how far the 2-process run's update is from the 1-process run's,
+    relative to the update itself (0 for an untouched tensor)."""
+    step = (one - start).double().norm()
+    return 0.0 if step == 0 else float((two - one).double().norm() / step)
 
 
 @pytest.mark.timeout(240)
@@ -115,19 +132,17 @@ def test_fsdp_full_shard_two_processes_match_one_process(tmp_path):
     _assert_two_equal_one(tmp_path, "shiq")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.xfail(strict=True, reason="DRO under FSDP: the value head is now gathered and saved (save_value_head on every "
-                   "rank), and the logged losses of 2 processes equal 1 process, but the trained decoder weights differ "
-                   "(model.layers.1.mlp.down_proj.weight): the head's forward runs outside the FSDP root's forward, so "
-                   "its gradient path is not reduced like the decoder's. Open; DDP is exact (test below)")
 def test_fsdp_dro_value_head_two_processes_match_one_process(tmp_path):
+    """The DRO value head under FSDP full shard: it sits in the root unit, runs on the detached prompt state
+    after the root's forward, and is gathered on every rank for the save; losses, gradient norms, the
+    decoder's and the head's updates equal one process's (an earlier elementwise 1e-5 check read Adam's
+    amplified reduction-order noise, 1 % of lr on a few near-zero-gradient elements, as a bug)."""
     proc = _launch(tmp_path, "fsdp", "dro")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_two_equal_one(tmp_path, "dro")
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_ddp_dro_value_head_two_processes_match_one_process(tmp_path):
     """The DRO value head under DDP: it runs outside the wrapped model's forward, so with transformers' default

@@ -125,3 +125,19 @@ def test_configure_plotly_leaves_the_environment_alone(monkeypatch):
         assert dict(os.environ) == before
     finally:
         pio.renderers.default = renderer
+
+
+def test_frontier_callback_evaluates_in_eval_mode_and_gives_every_submodule_its_mode_back():
+    from types import SimpleNamespace
+
+    from shiq_lab.train.sweep import FrontierCallback
+
+    model = _mixed()
+    before, seen = _modes(model), []
+    callback = FrontierCallback(2, lambda m: seen.append(_modes(m)) or len(seen))
+    for step in (1, 2, 3):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None, model=model)
+        assert _modes(model) == before  # the frozen dropout stays in eval mode, the rest trains
+    callback.on_train_end(None, SimpleNamespace(global_step=3), None, model=model)
+    callback.on_train_end(None, SimpleNamespace(global_step=3), None, model=model)  # a point per step, once
+    assert seen == [[False] * 4, [False] * 4] and [s for s, _ in callback.points] == [2, 3]

@@ -4,15 +4,25 @@ A sync is whatever makes the host wait for a tensor's value: ``.item()`` / ``boo
 ``float()`` (all of them ``aten._local_scalar_dense``), ``nonzero`` and boolean-mask indexing (an
 output shape that depends on values), ``masked_select``, ``tolist()`` / ``numpy()``. They are counted
 by a dispatch mode (every aten call, backward included) and by patching the Python conversions.
+
+Two scopes: ``ShiQTrainer.training_step`` alone (our code adds nothing to the model's own syncs), and a
+whole ``train()`` with gradient accumulation, Hugging Face's inner loop included, where each sync is
+attributed to the optimizer step and the code (file:function) that asked for it; the ones that remain
+are listed in the docstring of :mod:`shiq_lab.train.trainer`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import sys
+from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import TrainerCallback
 
 from shiq_lab.infra.models import load_model
 from shiq_lab.train.trainer import ShiQConfig, ShiQTrainer
@@ -29,32 +39,75 @@ _SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_
             aten.nonzero_static.default}
 
 
-class SyncCounter(TorchDispatchMode):
-    """Counts the calls that synchronise (on an accelerator) while it is active."""
+_HERE = Path(__file__).resolve()
+_TORCH = Path(torch.__file__).resolve().parent
+
+
+def _origin() -> str:
+    """``file:function`` of the innermost caller outside torch and this file (where a sync was asked for)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        path = Path(frame.f_code.co_filename).resolve()
+        if path != _HERE and _TORCH not in path.parents:
+            parts = path.parts
+            for root in ("site-packages", _HERE.parent.parent.name):  # transformers/..., shiq_lab/...
+                if root in parts:
+                    parts = parts[len(parts) - parts[::-1].index(root):]
+                    break
+            return f"{'/'.join(parts)}:{frame.f_code.co_name}"
+        frame = frame.f_back
+    return "?"
+
+
+class SyncLog(list):
+    """The synchronising calls seen (their names), with ``where`` each came from (:func:`_origin`)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[str] = []
+        self.where: list[str] = []
+        self._paused = 0
+
+    def add(self, name: str) -> None:
+        if not self._paused:
+            self.append(name)
+            self.where.append(_origin())
+
+    @contextlib.contextmanager
+    def host_side(self):
+        """Within the block nothing is counted: code that only ever reads host (CPU) tensors, on any device."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts the calls that synchronise (on an accelerator) while it is active."""
+
+    def __init__(self, log: SyncLog | None = None) -> None:
+        super().__init__()
+        self.calls = log if log is not None else SyncLog()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _SYNCING:
-            self.calls.append(str(func))
+            self.calls.add(str(func))
         elif func in (aten.index.Tensor, aten.index_put.default, aten.index_put_.default):
             if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ())):
-                self.calls.append(f"{func} with a boolean mask")
+                self.calls.add(f"{func} with a boolean mask")
         return func(*args, **kwargs)
 
 
 @contextlib.contextmanager
 def count_syncs():
-    """Yield the list of synchronising calls made inside the block."""
+    """Yield the :class:`SyncLog` of the synchronising calls made inside the block."""
     counter = SyncCounter()
     originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
 
     def patched(name):
         def call(self, *a, **k):
-            counter.calls.append(f"Tensor.{name}")
+            counter.calls.add(f"Tensor.{name}")
             return originals[name](self, *a, **k)
         return call
 
@@ -185,3 +238,113 @@ def test_on_cuda_the_step_makes_no_sync_of_its_own(tmp_path):
     own = warned(plain)
     tr.model.zero_grad(set_to_none=True)
     assert warned(lambda: tr.training_step(tr.model, batch, num_items_in_batch=items)) == own
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole loop: ShiQTrainer.train(), Hugging Face's inner loop included
+# ---------------------------------------------------------------------------------------------
+
+STEPS, ACCUM, LOG_EVERY = 4, 2, 2  # optimizer steps 2 and 4 log; 1 and 3 do not
+
+# Where the syncs of a run come from (file:function, as _origin names them), derived by hand:
+#: the model's own forward, once per micro-batch: masking_utils.sdpa_mask -> _ignore_causal_mask_sdpa reads
+#: ``fast_all(padding_mask)`` (1 sync); a micro-batch with padding fails it and reads the prefill case
+#: ``fast_all(padding_mask[:, :q_length])`` too (a 2nd). The backward makes none.
+MODEL_MASK = "transformers/masking_utils.py:_ignore_causal_mask_sdpa"
+#: a logging step: Trainer._maybe_log_save_evaluate reads the loss (``nested_gather(tr_loss).mean().item()``)
+#: and the grad norm (``grad_norm.item()``); ShiQTrainer._metrics reads all our metrics with one ``tolist()``
+LOGGING = Counter({"transformers/trainer.py:_maybe_log_save_evaluate": 2, "shiq_lab/train/trainer.py:_metrics": 1})
+#: once per run, after the last step: Trainer._finalize_training reads the loss not yet logged (``.item()``)
+RUN_END = Counter({"transformers/trainer.py:_finalize_training": 1})
+
+
+def _rows(n_prompts: int) -> list[dict]:
+    """Two responses per prompt, of lengths that vary (so some micro-batches are padded, some not)."""
+    words = ["good", "bad", "great fun", "boring and long", "fine"]
+    return [{"prompt": f"film {i}:", "completion": f" {words[(i + j) % len(words)]}.", "reward": 1.0 - 2 * j}
+            for i in range(n_prompts) for j in range(2)]
+
+
+class _HostSideIterator:
+    """The epoch iterator with the counter paused: sampling, collating (``action_positions``) and the copy
+    to the device read only CPU tensors, whatever the training device, so they are no device syncs."""
+
+    def __init__(self, it, calls: SyncLog):
+        self.it, self.calls = it, calls
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        with self.calls.host_side():
+            return next(self.it)
+
+
+def _train_counting(tmp_path, loss_type: str, **overrides) -> tuple[list[Counter], Counter, list[list[dict]]]:
+    """Train STEPS optimizer steps under the counter; returns the syncs of each step (from its batches to the
+    next step's), those of the run's end, and each step's micro-batches."""
+    from shiq_lab.losses import LOSSES
+
+    model, tok = load_model("tiny")
+    pairwise = LOSSES[loss_type].pairwise
+    cfg = dict(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, save_strategy="no",
+               disable_tqdm=True, per_device_train_batch_size=1 if pairwise else 2, gradient_accumulation_steps=ACCUM,
+               learning_rate=1e-2, max_steps=STEPS, logging_steps=LOG_EVERY, ref_cache_dir=str(tmp_path / "cache"),
+               beta=0.5, max_length=32, seed=0, loss_type=loss_type)
+    # one prompt (two rows) per micro-batch: a pairwise batch counts prompts, the others rows
+    tr = ShiQTrainer(model=model, args=ShiQConfig(**{**cfg, **overrides}), train_dataset=_rows(STEPS * ACCUM),
+                     processing_class=tok)
+    marks: list[int] = []
+    batches: list[list[dict]] = []
+    with count_syncs() as calls:
+        def get_batch_samples(epoch_iterator, num_batches, device):
+            marks.append(len(calls))  # a step starts when it fetches its micro-batches
+            samples, items = ShiQTrainer.get_batch_samples(tr, _HostSideIterator(epoch_iterator, calls),
+                                                           num_batches, device)
+            batches.append(samples)
+            return samples, items
+
+        tr.get_batch_samples = get_batch_samples
+        ends: list[int] = []
+
+        class _End(TrainerCallback):
+            def on_train_end(self, *a, **k):
+                ends.append(len(calls))
+
+        tr.add_callback(_End())
+        tr.train()
+    assert len(marks) == STEPS and len(tr.state.log_history) == STEPS // LOG_EVERY + 1
+    bounds = marks + ends
+    per_step = [Counter(calls.where[a:b]) for a, b in itertools.pairwise(bounds)]
+    assert calls.where[:marks[0]] == [], "syncs before the first step"
+    return per_step, Counter(calls.where[ends[0]:]), batches
+
+
+def _mask_syncs(step_batches: list[dict]) -> int:
+    return sum(1 + int(not bool(b["attention_mask"].all())) for b in step_batches)
+
+
+@pytest.mark.parametrize("loss_type", ["shiq", "dpo", "copg", "dro"])
+def test_a_training_run_syncs_only_in_the_model_and_at_logging(tmp_path, loss_type):
+    per_step, after_end, batches = _train_counting(tmp_path, loss_type)
+    padded = [sum(not bool(b["attention_mask"].all()) for b in bs) for bs in batches]
+    assert 0 < sum(padded) < STEPS * ACCUM, padded  # both cases of the model's mask check occur
+    for step, (seen, bs) in enumerate(zip(per_step, batches), start=1):
+        expected = Counter({MODEL_MASK: _mask_syncs(bs)})
+        if step % LOG_EVERY == 0:
+            expected += LOGGING
+        if step == STEPS:
+            expected += RUN_END
+        assert seen == expected, f"step {step}: {dict(seen)} != {dict(expected)}"
+    # per micro-batch: 1 or 2 in the model (the mask), 0 of ours or Trainer's; + 3 per logging step, 1 per run
+    assert sum(sum(c.values()) for c in per_step) == sum(map(_mask_syncs, batches)) + 2 * 3 + 1
+    assert after_end == Counter()
+
+
+def test_transformers_nan_inf_filter_would_cost_two_syncs_per_micro_batch(tmp_path):
+    """Why ShiQConfig turns ``logging_nan_inf_filter`` off: Trainer's loop reads
+    ``torch.isnan(tr_loss_step) or torch.isinf(tr_loss_step)`` on the host after every micro-batch."""
+    assert ShiQConfig(output_dir=str(tmp_path), use_cpu=True).logging_nan_inf_filter is False
+    per_step, _, batches = _train_counting(tmp_path, "shiq", logging_nan_inf_filter=True)
+    filt = Counter({"transformers/trainer.py:_run_epoch": 2 * ACCUM})
+    assert per_step[0] == Counter({MODEL_MASK: _mask_syncs(batches[0])}) + filt

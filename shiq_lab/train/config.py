@@ -71,6 +71,11 @@ class ShiQConfig(TrainingArguments):
         "help": "dro: learning rate of the value head (default: learning_rate)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the loss reads its own columns"})
     logging_steps: float = field(default=1, metadata={"help": "log every n steps (loss, kl, tokens/s)"})
+    # off (transformers: on): the filter reads every micro-batch's loss on the host, `torch.isnan(tr_loss_step) or
+    # torch.isinf(tr_loss_step)` in Trainer._run_epoch: two device syncs per micro-batch (issue 14). Off, a
+    # non-finite loss is logged as it is (a NaN in the log, not the average of earlier losses); gradients are the same
+    logging_nan_inf_filter: bool = field(default=False, metadata={
+        "help": "replace NaN/Inf losses in the logs by earlier averages (costs 2 host syncs per micro-batch)"})
     overwrite_output_dir: bool = field(default=False, metadata={
         "help": "train into an output_dir that holds another run's outputs, deleting its checkpoints (else refused)"})
 

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from shiq_lab.evaluation.generations import PolicyEval
 from shiq_lab.infra.models import load_model
+from shiq_lab.lm.modes import eval_mode
 from shiq_lab.losses import PAIRWISE_LOSSES
 from shiq_lab.train.config import ShiQConfig
 from shiq_lab.train.progress import CompactPrinterCallback, SweepProgress
@@ -50,9 +51,8 @@ class FrontierCallback(TrainerCallback):
     def _point(self, model: torch.nn.Module, step: int) -> None:
         if self.points and self.points[-1][0] == step:
             return
-        was_training = model.training
-        result = self.evaluate(model)
-        model.train(was_training)
+        with eval_mode(model):  # no dropout while sampling; every submodule gets its own mode back
+            result = self.evaluate(model)
         self.points.append((step, result))
         if self.on_point is not None:
             self.on_point(step, result)

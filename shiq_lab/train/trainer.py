@@ -32,6 +32,21 @@ ids, masks, finite rewards), so the step runs the losses and the kernel under
 (``action_positions``); metrics are summed as device tensors and read once per logging step, each
 weighted by the unit its loss declares (``LossOutput.metric_reduction``), never by its name.
 
+The syncs that remain in ``train()`` (counted, by origin, per optimizer step in ``tests/test_step_syncs.py``;
+line numbers of transformers 5.24): per micro-batch, only the model's own forward, whose attention mask
+reads the padding mask in ``masking_utils._ignore_causal_mask_sdpa`` (``fast_all(padding_mask)``, l. 292,
+plus the prefill check ``fast_all(padding_mask[:, :q_length])``, l. 298, when the micro-batch is padded);
+per logging step, three: Trainer's ``_maybe_log_save_evaluate`` reads the loss (``...mean().item()``,
+l. 2257) and the grad norm (``grad_norm.item()``, l. 2264), and :meth:`ShiQTrainer._metrics` reads all
+our metrics with one ``tolist()``; once per run, ``_finalize_training`` reads the unlogged loss (l. 2006).
+So ``logging_steps`` (1 by default) sets how often the host waits. Settings that add syncs, all off by
+default here: ``logging_nan_inf_filter`` (Trainer's ``_run_epoch`` tests ``torch.isnan(tr_loss_step) or
+torch.isinf(tr_loss_step)``, l. 1919-1922: two per micro-batch; :class:`ShiQConfig` turns it off, so a
+non-finite loss is logged as it is), ``include_num_input_tokens_seen`` (``_track_num_input_tokens``,
+``.item()`` per micro-batch, l. 2748), ``fp16`` (the grad scaler reads ``found_inf`` each optimizer step;
+``bf16`` does not) and DeepSpeed (``_get_grad_norm`` calls ``.item()`` each step). Gradient clipping and
+the default fused AdamW read nothing. Sampling and collating read CPU tensors only (not device syncs).
+
 Choices stated here:
 
 - DRO's value V_phi(x) is a linear head (zero-initialised, so V = 0 at start) on the final hidden
