@@ -190,6 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, name="train_step", threads=1)
     ap.add_argument("--bf16", action="store_true", help="mixed precision (GPUs)")
+    ap.add_argument("--tf32", action="store_true",
+                    help="CUDA: TF32 tensor cores for the fp32 matmuls left under --bf16 autocast (every trainer; "
+                         "ShiQ's output layer runs in fp32 under autocast, see shiq_lab.lm.stats.stats_from_hidden)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="small", help="model size (see PRESETS)")
     ap.add_argument("--batch", type=int, default=4, help="sequences per step (DPO: batch/2 pairs)")
     ap.add_argument("--prompt-len", type=int, default=64)
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_params = save_model(args.preset, model_dir, max_positions=seq_len, seed=args.seed)
         base = dict(model_dir=model_dir, batch=args.batch, prompt_len=args.prompt_len,
                     completion_len=args.completion_len, steps=args.warmup + args.rounds, device=args.device,
-                    bf16=args.bf16, threads=args.threads, seed=args.seed, measure_memory=not args.no_memory,
+                    bf16=args.bf16, tf32=args.tf32, threads=args.threads, seed=args.seed, measure_memory=not args.no_memory,
                     profile=args.profile)
         specs = {c: {**base, "config": c} for c in configs}
         failed: dict[str, str] = {}
@@ -264,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "versions": versions(),
         "settings": {"preset": args.preset, "model": model, "batch": args.batch, "prompt_len": args.prompt_len,
                      "completion_len": args.completion_len, "rounds": args.rounds, "warmup": args.warmup,
-                     "threads": args.threads, "dtype": "bf16 autocast" if args.bf16 else "float32", "beta": BETA,
+                     "threads": args.threads, "dtype": "bf16 autocast" if args.bf16 else "float32", "tf32": args.tf32, "beta": BETA,
                      "configs": configs, "skipped_configs": skipped,
                      "full_logits_fp32_bytes": args.batch * seq_len * PRESETS[args.preset]["vocab_size"] * 4},
         "peak_tflops": peak, "peak_source": peak_source,

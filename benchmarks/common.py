@@ -500,10 +500,13 @@ def lm_head_flop_share(preset: str | dict[str, Any], seq_len: int) -> float:
     return head / (head + n_layers * per_layer)
 
 
-#: dense bf16 tensor-core peaks (TFLOP/s), matched in order against torch.cuda.get_device_name()
+#: dense bf16 tensor-core peaks (TFLOP/s), matched in order against torch.cuda.get_device_name(): NVIDIA's
+#: datasheets give the Hopper figures "with sparsity", dense is half: H100 / H200 SXM 1,979 -> 989.5,
+#: H100 PCIe 1,513 -> 756.5, H100 / H200 NVL 1,671 -> 835.5 (H200 datasheet, nvidia.com/en-us/data-center/h200;
+#: H100 datasheet). The NVL and PCIe cards are matched before the SXM names they contain.
 PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0), ("B200", 2250.0),
-    ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A6000", 155.0),
+    ("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H200 NVL", 835.5), ("H100", 989.5), ("H200", 989.5),
+    ("GH200", 989.5), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A6000", 155.0),
 )
 
 

@@ -1,24 +1,32 @@
 """The whole GPU measurement of issue 14 in one command, under 8 minutes on one H200, with one receipt.
 
-    bash benchmarks/gpu_check.sh                 # on the GPU machine (carry .gpu-wheels/, see gpu_wheels.sh)
+    bash benchmarks/gpu_check.sh                 # on the GPU machine, in the last of the calls gpu_carry.py prints
     python -m benchmarks.gpu_check --dry-run     # CPU, toy sizes: what `make test` runs so that it cannot rot
 
 Stages, in order of importance, each in its own subprocess with its own time budget (capped by what is left of
 the total), so that a stage that fails, hangs or runs out of time loses only itself; the receipt
 (``gpu_check.json`` + ``.md``) is rewritten after every stage, so a killed run still leaves what it measured:
 
+- ``carry``: installs the carried cp312 wheels the image lacks into ``.gpu-site/`` and joins the carried asset
+  chunks (:mod:`benchmarks.gpu_carry`); records which parts of the carry reached this machine and what is missing.
 - ``environment``: device, driver, CUDA, and the versions of torch, transformers, triton, trl, liger-kernel, ...
-- ``wheels``: installs, from the carried cp312 wheels, the distributions the image lacks (``--no-deps``,
-  never replacing an installed one); what ``gpu_wheels.sh`` had to leave out is recorded.
 - ``precision``: bf16 against fp64 values and gradients of the fused ShiQ loss (the CPU test's tolerances).
 - ``loss_kernel``: ``bench_loss_kernel`` in bf16 at V = 49,152, T = 512 to 4,096: fused ShiQ against
   ``F.cross_entropy`` and Liger's fused linear cross-entropy, time and peak CUDA memory.
+- ``cuda_tests``: the tests that only run on CUDA (``torch.cuda.set_sync_debug_mode`` counts the syncs of a step).
 - ``train_step``: ``bench_train_step`` on SmolLM2-135M's shape, bf16, 32 x 512 = 16,384 tokens per step:
   ShiQTrainer against the SFT Trainer and TRL's DPOTrainer (default and precomputed reference); tokens/s,
   peak memory, MFU, and a CUDA profile of one step of each.
 - ``kernel_profile``: where the time of the fused kernel and of Liger's goes (CUDA kernel time per operator).
 - ``reference_precompute``: ``bench_reference_precompute`` against a plain forward, bf16.
-- ``notebook04``: notebook 04 executed on the GPU with the real model, where its asset and papermill are there.
+- ``notebook04``: notebook 04 executed on the GPU with the real model, where its assets and papermill are there.
+
+Budgets: the stages' own budgets add up to more than the 480 s total on purpose: each is what that stage may
+take at most, the total caps them all, and the order is the priority, so a slow stage costs the ones after it
+(notebook 04 last). Estimated for an H200 (not yet measured: no GPU run so far; the first CUDA initialisation and
+Triton compilation in each subprocess included): carry 15 s, environment 3, precision 15, loss_kernel 45,
+cuda_tests 20, train_step 90, kernel_profile 15, reference_precompute 25, leaving about 250 s, of which notebook 04
+may take 200.
 
 2-process FSDP is not a stage: one GPU cannot host a 2-rank NCCL group; its equivalence with one process runs
 on CPU (gloo) in ``tests/test_distributed.py``. Goals (ratios within this one run, medians [quartiles] over
@@ -41,6 +49,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import QUICK_DIR, ROOT, fmt_bytes, markdown_table, offline_env, resolve_out_dir, versions
+from benchmarks.gpu_carry import CARRY_DIR, SITE_DIR
+
+#: stand-ins for GPU-only peers (Liger's fused linear cross-entropy), on the path of a dry run only, so that the
+#: code that calls them runs on a CPU too
+STANDINS = Path(__file__).resolve().parent / "standins"
 
 #: issue 14's GPU goals: (key, description, comparison, bound)
 GOALS: tuple[tuple[str, str, str, float], ...] = (
@@ -51,8 +64,9 @@ GOALS: tuple[tuple[str, str, str, float], ...] = (
     ("fused_over_liger_memory", "loss kernel peak memory / Liger fused linear CE", "<=", 1.0),
 )
 MODULES = ("torch", "transformers", "accelerate", "peft", "triton", "trl", "liger_kernel", "datasets", "papermill",
-           "plotly", "gguf", "tensorboard", "pandas", "pyarrow")
+           "ipykernel", "plotly", "gguf", "tensorboard", "pandas", "pyarrow", "nvidia-ml-py")
 TOTAL_BUDGET_S = 480.0  # 8 minutes on one H200
+CARRY_PIP_TIMEOUT_S = 45.0  # the carry stage's pip installs (~40 small wheels): inside its 60 s budget
 RECEIPT = "gpu_check"
 
 
@@ -72,8 +86,10 @@ class Context:
     dry_run: bool
     device: str
     work: Path
-    wheels: Path
+    carry: Path  # the carried parts (.gpu-carry/<k>)
+    site: Path  # where their wheels are installed (.gpu-site, on PYTHONPATH; a temporary folder in a dry run)
     skip: dict[str, str]
+    assets_root: Path = ROOT  # where carried assets are joined (<root>/.assets; a temporary folder in a dry run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,63 +97,69 @@ class Context:
 # ---------------------------------------------------------------------------------------------
 
 
-def _nvidia_smi() -> dict[str, str]:
+def _driver() -> dict[str, Any]:
+    """Driver version and GPU name from NVML (``nvidia-ml-py``, in the image) or ``nvidia-smi``; either may be absent."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+
+            def text(v: Any) -> str:  # older nvidia-ml-py returns bytes
+                return v.decode() if isinstance(v, bytes) else str(v)
+
+            return {"source": "nvml", "driver": text(pynvml.nvmlSystemGetDriverVersion()),
+                    "name": text(pynvml.nvmlDeviceGetName(handle)),
+                    "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)}
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as err:  # noqa: BLE001 -- optional: fall back to nvidia-smi
+        nvml_error = f"{type(err).__name__}: {err}"[:200]
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()
-    except (OSError, subprocess.SubprocessError) as err:
-        return {"error": f"nvidia-smi: {err}"}
-    name, driver, memory = (x.strip() for x in out[0].split(","))
-    return {"name": name, "driver": driver, "memory": memory}
+        name, driver, memory = (x.strip() for x in out[0].split(","))
+        return {"source": "nvidia-smi", "driver": driver, "name": name, "memory": memory}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as err:
+        return {"source": None, "error": f"nvml: {nvml_error}; nvidia-smi: {err}"[:400]}
 
 
 def environment(ctx: Context) -> dict[str, Any]:
-    """What ran: device, driver, CUDA, Python and package versions."""
+    """What ran: device, driver, CUDA, Python and package versions (after the carry stage installed its wheels)."""
     import torch
 
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                            "cpu_count": os.cpu_count(), "versions": versions(MODULES), "device": ctx.device}
+                            "cpu_count": os.cpu_count(), "versions": versions(MODULES), "device": ctx.device,
+                            "pythonpath": os.environ.get("PYTHONPATH", "")}
     if ctx.device == "cuda":
-        info["cuda"] = torch.version.cuda
-        info["gpu"] = torch.cuda.get_device_name(0)
-        info["gpu_memory_bytes"] = torch.cuda.get_device_properties(0).total_memory
-        info["capability"] = list(torch.cuda.get_device_capability(0))
-        info["nvidia_smi"] = _nvidia_smi()
+        props = torch.cuda.get_device_properties(0)
+        info.update(cuda=torch.version.cuda, gpu=torch.cuda.get_device_name(0), gpu_memory_bytes=props.total_memory,
+                    capability=list(torch.cuda.get_device_capability(0)), multiprocessors=props.multi_processor_count,
+                    cudnn=torch.backends.cudnn.version(), driver=_driver())
     return info
 
 
-def _dist_name(wheel: Path) -> str:
-    return wheel.name.split("-")[0].lower().replace("_", "-")
+def carry(ctx: Context) -> dict[str, Any]:
+    """Install / join what the device calls carried (:func:`benchmarks.gpu_carry.unpack`); say what is missing."""
+    from benchmarks import gpu_carry
 
-
-def install_wheels(ctx: Context) -> dict[str, Any]:
-    """Install the carried wheels whose distribution is missing here (no index, no dependencies resolved)."""
-    from importlib import metadata
-
-    manifest_path = ctx.wheels / "MANIFEST.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    out: dict[str, Any] = {"folder": str(ctx.wheels), "skipped_by_gpu_wheels": manifest.get("skipped", []),
-                           "present": [], "installed": [], "failed": []}
-    wheels = sorted(ctx.wheels.glob("*.whl"))
-    if not wheels:
-        out["note"] = f"no wheels in {ctx.wheels} (run benchmarks/gpu_wheels.sh and carry the folder)"
-        return out
-    missing = []
-    for w in wheels:
-        try:
-            out["present"].append(f"{_dist_name(w)} {metadata.version(_dist_name(w))}")
-        except metadata.PackageNotFoundError:
-            missing.append(w)
-    if ctx.dry_run:  # never change this machine's environment in a dry run
-        out["would_install"] = [w.name for w in missing]
-        return out
-    for w in missing:
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(w)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0 and "externally-managed" in proc.stderr:  # a distribution's Python (PEP 668)
-            proc = subprocess.run([*cmd, "--break-system-packages"], capture_output=True, text=True, timeout=120)
-        (out["installed"] if proc.returncode == 0 else out["failed"]).append(
-            w.name if proc.returncode == 0 else f"{w.name}: {proc.stderr.strip()[-300:]}")
+    # pip is bounded well inside the stage's budget (an inline stage has no timeout of its own)
+    state = gpu_carry.unpack(ctx.assets_root, carry=ctx.carry, site=ctx.site, pip_timeout_s=CARRY_PIP_TIMEOUT_S)
+    last = state["calls"][-1]
+    out: dict[str, Any] = {"carry": str(ctx.carry), "site": str(ctx.site), "parts_this_call": last["parts"],
+                           "calls": len(state["calls"]), "missing_parts": state["missing_parts"],
+                           "items": state["items"], "installed": last["installed"], "failed": last["failed"],
+                           "present": last["present"], "replaced_older": last["replaced_older"],
+                           "unsatisfied_requirements": state["unsatisfied"],
+                           "notes": (state.get("plan") or {}).get("notes", []) + last.get("notes", [])}
+    if state.get("plan") is None:
+        out["notes"].append(f"nothing carried in {ctx.carry} (make gpu-wheels, then the device calls it prints)")
+    if state["missing_parts"]:
+        out["notes"].append(f"parts {', '.join(state['missing_parts'])} of {state['plan']['parts']} never reached this "
+                            f"machine (not carried, or it went cold between the calls): their items are missing")
+    if last["failed"]:
+        raise RuntimeError(f"wheels failed to install: {last['failed']}")
     return out
 
 
@@ -180,18 +202,26 @@ WORKERS: dict[str, Callable[[str, bool], dict[str, Any]]] = {
     "precision": worker_precision, "kernel_profile": worker_kernel_profile}
 
 
+#: notebook 04 at GPU scale: the real SmolLM2-135M-Instruct (LoRA), batch 64, 60 steps of ShiQ (token rewards) and
+#: DPO, 960 offline prompts x 4 samples. Sized for ~150 s on an H200 (sampling the offline data takes most of it).
+NOTEBOOK04_GPU: dict[str, Any] = dict(model="smollm2-135m", max_steps=60, batch_size=64, n_eval_prompts=64,
+                                      max_new_tokens=24, betas=[0.1], loss_types=["shiq_token", "dpo"], n_checkpoints=2)
+
+
 def worker_notebook04(device: str, dry_run: bool) -> dict[str, Any]:
     """Execute notebook 04 with papermill: the real model on the GPU (tiny CPU defaults in a dry run)."""
     from shiq_lab.infra.notebook_runner import run_notebook
 
     params: dict[str, Any] = {"device": device}
     if not dry_run:
-        params.update(model="smollm2-135m", max_steps=100, batch_size=64, n_eval_prompts=128, max_new_tokens=32,
-                      betas=[0.1], loss_types=["shiq", "dpo"], n_checkpoints=2)
+        params.update(NOTEBOOK04_GPU)
     out_dir = Path(tempfile.mkdtemp(prefix="gpu-check-nb04-"))
     run = run_notebook(ROOT / "notebooks" / "04_finetune.ipynb", parameters=params, output_dir=out_dir)
-    return {"parameters": params, "seconds": run.seconds if hasattr(run, "seconds") else None,
-            "output": str(out_dir)}
+    if os.environ.get("OUT") and not dry_run:  # the device machine: the executed notebook comes back with $OUT
+        import shutil
+
+        shutil.copy(run.output, Path(os.environ["OUT"]) / "04_finetune_gpu.ipynb")
+    return {"parameters": params, "seconds": run.seconds, "output": str(run.output)}
 
 
 WORKERS["notebook04"] = worker_notebook04
@@ -220,41 +250,76 @@ def _worker(name: str) -> Callable[[Context], list[str]]:
 def _notebook(ctx: Context) -> list[str] | None:
     from benchmarks.common import importable
 
-    missing = [m for m in ("papermill", "ipykernel", "plotly") if not importable(m)]
+    missing = [m for m in ("papermill", "ipykernel", "plotly", "datasets") + (() if ctx.dry_run else ("gguf",))
+               if not importable(m)]
     if missing:
-        ctx.skip["notebook04"] = (f"{', '.join(missing)} not installed (gpu_wheels.sh leaves papermill and plotly out "
-                                  f"when pyarrow takes the carry budget; see the wheels stage)")
+        ctx.skip["notebook04"] = (f"{', '.join(missing)} not importable (their wheels are in the carry's parts: see the "
+                                  f"carry stage for the parts that never arrived)")
         return None
     if not ctx.dry_run:
         from shiq_lab.infra.assets import assets_dir
 
-        if not (assets_dir() / "smollm2" / ".complete").exists():
-            ctx.skip["notebook04"] = (f"the SmolLM2-135M asset is not in {assets_dir()} (94 MiB: over the 64 MiB "
-                                      f"carry cap; set SHIQ_LAB_ASSETS to a folder that has it)")
+        absent = [a for a in ("smollm2", "movie-reviews") if not (assets_dir() / a / ".complete").exists()]
+        if absent:
+            ctx.skip["notebook04"] = (f"assets {', '.join(absent)} not in {assets_dir()} (carried in chunks by "
+                                      f"make gpu-wheels; see the carry stage for what is missing)")
             return None
     return _worker("notebook04")(ctx)
 
 
+def _cuda_tests(ctx: Context) -> list[str]:
+    """The tests that run only on CUDA (a dry run collects and skips them: the command is checked, not the GPU)."""
+    return [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CUDA_TESTS,
+            f"--junitxml={ctx.work / 'cuda_tests.xml'}"]
+
+
+#: the test functions that need a CUDA device (they skip elsewhere)
+CUDA_TESTS = ("tests/test_step_syncs.py::test_on_cuda_the_step_makes_no_sync_of_its_own",)
+
+
+def _junit(path: Path) -> dict[str, Any] | None:
+    """Counts and failures of a pytest JUnit XML report."""
+    import xml.etree.ElementTree as ET
+
+    if not path.exists():
+        return None
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    cases = []
+    for case in suite.iter("testcase"):
+        status = next((c.tag for c in case if c.tag in ("failure", "error", "skipped")), "passed")
+        detail = next((c.get("message", "") for c in case if c.tag in ("failure", "error", "skipped")), "")
+        cases.append({"test": f"{case.get('classname')}::{case.get('name')}", "status": status, "detail": detail[:300]})
+    return {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")} | {"cases": cases}
+
+
 STAGES: tuple[Stage, ...] = (
+    # name, GPU budget (s), dry-run budget (s): see the module docstring for the expected times
+    Stage("carry", 60, 60, inline=carry),
     Stage("environment", 20, 20, inline=environment),
-    Stage("wheels", 90, 20, inline=install_wheels),
     Stage("precision", 40, 60, command=_worker("precision")),
-    Stage("loss_kernel", 100, 120, command=_bench(
+    # TODO(lead): when shiq_lab/lm/kernel.py gains its torch.compile variant, add it to benchmarks/kernel_cases.py
+    # as a method beside shiq_fused (METHODS, run_case's names and a time_compiled_over_liger ratio) and to
+    # evaluate_goals here; its first call compiles (tens of seconds): warm it up before the timed rounds and add
+    # that to this stage's budget (taken from notebook04's).
+    Stage("loss_kernel", 90, 120, command=_bench(
         "bench_loss_kernel", "loss_kernel_gpu",
         ["--dtype", "bfloat16", "--liger", "--batch", "1", "--seq-len", "4096", "--rounds", "15", "--warmup", "3",
-         "--scaling-seq-lens", "512", "1024", "2048", "4096", "--scaling-vocabs", "49152", "--scaling-rounds", "10"],
+         "--repeats", "3", "--scaling-seq-lens", "512", "1024", "2048", "4096", "--scaling-vocabs", "49152",
+         "--scaling-rounds", "10"],
         ["--dtype", "bfloat16", "--liger", "--no-scaling"])),
-    Stage("train_step", 170, 240, command=_bench(
+    Stage("cuda_tests", 40, 90, command=_cuda_tests),
+    Stage("train_step", 150, 240, command=_bench(
         "bench_train_step", "train_step_gpu",
-        ["--bf16", "--preset", "smollm2-135m", "--batch", "32", "--prompt-len", "128", "--completion-len", "384",
-         "--rounds", "8", "--warmup", "2", "--profile"],
+        ["--bf16", "--tf32", "--preset", "smollm2-135m", "--batch", "32", "--prompt-len", "128",
+         "--completion-len", "384", "--rounds", "8", "--warmup", "2", "--profile"],
         ["--configs", "sft", "shiq", "--profile"])),
     Stage("kernel_profile", 40, 60, command=_worker("kernel_profile")),
     Stage("reference_precompute", 60, 120, command=_bench(
         "bench_reference_precompute", "reference_precompute_gpu",
         ["--preset", "smollm2-135m", "--dtype", "bfloat16", "--rows", "256", "--batch", "32", "--prompt-len", "128",
          "--completion-len", "384", "--rounds", "5", "--warmup", "1"], [])),
-    Stage("notebook04", 150, 300, command=_notebook),
+    Stage("notebook04", 200, 300, command=_notebook),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -317,7 +382,7 @@ def build_markdown(receipt: dict[str, Any]) -> str:
         "# GPU check receipt (issue 14)",
         "",
         *(["**Dry run (--dry-run): CPU, toy sizes; not a measurement.**", ""] if receipt["dry_run"] else []),
-        (f"Device: {env.get('gpu', env.get('device', '?'))}, driver {env.get('nvidia_smi', {}).get('driver', 'n/a')}, "
+        (f"Device: {env.get('gpu', env.get('device', '?'))}, driver {(env.get('driver') or {}).get('driver', 'n/a')}, "
          f"CUDA {env.get('cuda', 'n/a')}; torch {ver.get('torch')}, transformers {ver.get('transformers')}, "
          f"triton {ver.get('triton')}, trl {ver.get('trl')}, liger-kernel {ver.get('liger_kernel')}, "
          f"accelerate {ver.get('accelerate')}. Total {receipt['elapsed_s']:.0f} s of a {receipt['budget_s']:.0f} s "
@@ -335,6 +400,15 @@ def build_markdown(receipt: dict[str, Any]) -> str:
                          "budget (s)": f"{s['budget_s']:.0f}", "note": s.get("reason", "")[:160]}
                         for n, s in receipt["stages"].items()], ["stage", "status", "seconds", "budget (s)", "note"]),
     ]
+    carried = (receipt["stages"].get("carry") or {}).get("result") or {}
+    if carried:
+        facts = [f"parts this call {carried['parts_this_call'] or 'none'}", f"{carried['calls']} call(s) unpacked",
+                 f"missing parts {carried['missing_parts'] or 'none'}", *(f"{k}: {v}" for k, v in carried["items"].items()),
+                 *carried["notes"], *(f"unmet: {v}" for v in carried["unsatisfied_requirements"].values())]
+        lines += ["", "Carry (benchmarks/gpu_carry.py): " + "; ".join(facts) + "."]
+    env_drv = env.get("driver") or {}
+    if env_drv.get("error"):
+        lines += ["", f"Driver version not read: {env_drv['error']}"]
     prof = (receipt["stages"].get("kernel_profile") or {}).get("result") or {}
     for name in ("shiq_fused", "liger_flce", "sft_ce"):
         if name in prof:
@@ -371,9 +445,32 @@ def write_receipt(receipt: dict[str, Any], out_dir: Path) -> None:
 
 
 def _result_of(stage: Stage, ctx: Context) -> dict[str, Any] | None:
+    if stage.name == "cuda_tests":
+        return _junit(ctx.work / "cuda_tests.xml")
     stem = {"loss_kernel": "loss_kernel_gpu", "train_step": "train_step_gpu",
             "reference_precompute": "reference_precompute_gpu"}.get(stage.name, stage.name)
     return _load(ctx.work / f"{stem}.json")
+
+
+def _run_group(argv: list[str], timeout_s: float) -> subprocess.CompletedProcess:
+    """Run ``argv`` in a process group of its own; past ``timeout_s`` the whole group is killed (the lockstep
+    trainers, a notebook's kernel), so that nothing of a stage that ran out of time runs on into the next one."""
+    import signal
+
+    with subprocess.Popen(argv, cwd=ROOT, env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+        finally:
+            try:  # whatever the stage left behind (daemon workers) goes with it
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def run_stage(stage: Stage, ctx: Context, budget_s: float) -> dict[str, Any]:
@@ -389,15 +486,18 @@ def run_stage(stage: Stage, ctx: Context, budget_s: float) -> dict[str, Any]:
                 rec.update(status="skipped", reason=ctx.skip.get(stage.name, "skipped"))
             else:
                 rec["command"] = " ".join(argv[1:])
-                proc = subprocess.run(argv, cwd=ROOT, env=offline_env(), capture_output=True, text=True,
-                                      timeout=budget_s)
+                proc = _run_group(argv, budget_s)
                 rec["result"] = _result_of(stage, ctx)
                 if proc.returncode != 0:
                     rec.update(status="failed", reason=f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}")
                 elif rec["result"] is None:
                     rec.update(status="failed", reason="no result file was written")
+                elif stage.name == "cuda_tests" and not ctx.dry_run and rec["result"]["skipped"]:
+                    rec.update(status="failed", reason="a CUDA test skipped on the GPU: "
+                               + "; ".join(c["detail"] for c in rec["result"]["cases"] if c["status"] == "skipped"))
                 elif "Liger" in proc.stdout and "skipped" in proc.stdout:
-                    rec["note"] = "Liger's kernel skipped (needs CUDA and liger-kernel)"
+                    why = [line for line in proc.stdout.splitlines() if line.startswith("Liger's kernel fails here")]
+                    rec["note"] = "Liger's kernel skipped: " + (why[0] if why else "needs CUDA and liger-kernel")
     except subprocess.TimeoutExpired:
         rec.update(status="timeout", reason=f"ran past its {budget_s:.0f} s budget", result=_result_of(stage, ctx))
     except Exception as err:  # noqa: BLE001 -- one failing stage must not lose the others
@@ -411,7 +511,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out_dir = resolve_out_dir(args.out_dir, args.dry_run)
     device = "cpu" if args.dry_run else "cuda"
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    ctx = Context(dry_run=args.dry_run, device=device, work=work, wheels=Path(args.wheels), skip={})
+    # a dry run installs and joins into a temporary folder: this machine's environment and .assets stay as they are
+    site = args.site or (work / "root" / SITE_DIR if args.dry_run else ROOT / SITE_DIR)
+    carried = args.carry or (work / "no-carry" if args.dry_run else ROOT / CARRY_DIR)
+    ctx = Context(dry_run=args.dry_run, device=device, work=work, carry=carried, site=site, skip={},
+                  assets_root=work / "root" if args.dry_run else ROOT)
+    # the checkout first: nothing carried may shadow its packages (benchmarks, shiq_lab, tests)
+    paths = [str(ROOT), str(site), *([str(STANDINS)] if args.dry_run else [])]
+    sys.path[:0] = [p for p in paths if p not in sys.path]
+    os.environ["PYTHONPATH"] = os.pathsep.join([*paths, *filter(None, [os.environ.get("PYTHONPATH")])])
     total = args.budget_s or (300.0 if args.dry_run else TOTAL_BUDGET_S)
     receipt: dict[str, Any] = {"receipt": RECEIPT, "dry_run": args.dry_run, "budget_s": total, "elapsed_s": 0.0,
                                "finished": False, "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -428,6 +536,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                              "budget_s": 0.0, "seconds": 0.0}
         else:
             print(f"gpu_check: {stage.name} (budget {budget:.0f} s)", flush=True)
+            # on record before it starts: a run killed from outside still says which stage it was in
+            receipt["stages"][stage.name] = {"status": "running", "budget_s": budget, "seconds": 0.0,
+                                             "reason": "killed while running (outer time limit)"}
+            write_receipt(receipt, out_dir)
             receipt["stages"][stage.name] = run_stage(stage, ctx, budget)
             print(f"gpu_check: {stage.name}: {receipt['stages'][stage.name]['status']} in "
                   f"{receipt['stages'][stage.name]['seconds']:.1f} s", flush=True)
@@ -448,7 +560,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--stages", nargs="+", choices=STAGE_NAMES, default=list(STAGE_NAMES))
     ap.add_argument("--budget-s", type=float, default=None, help=f"total seconds (default {TOTAL_BUDGET_S:.0f}; 300 dry)")
     ap.add_argument("--stage-budget", nargs="*", default=[], metavar="STAGE=SECONDS", help="override a stage's budget")
-    ap.add_argument("--wheels", default=str(ROOT / ".gpu-wheels"), help="folder of carried wheels")
+    ap.add_argument("--carry", type=Path, default=None,
+                    help="folder of the carried parts (default .gpu-carry; none with --dry-run, whose Python need "
+                         "not be the device's 3.12; see benchmarks/gpu_carry.py)")
+    ap.add_argument("--site", type=Path, default=None,
+                    help="install target of the carried wheels (default .gpu-site; a temporary folder with --dry-run)")
     ap.add_argument("--stage-worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--stage-out", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--device", default=None, help=argparse.SUPPRESS)

@@ -216,6 +216,9 @@ def worker_main(conn, spec: dict[str, Any]) -> None:
         datasets.disable_progress_bars()
 
         device = torch.device(spec["device"])
+        if device.type == "cuda" and spec.get("tf32"):  # fp32 matmuls on tensor cores, for every trainer alike
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(spec["seed"])
         model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.float32).to(device)
         n_params = sum(p.numel() for p in model.parameters())

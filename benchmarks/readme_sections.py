@@ -229,7 +229,7 @@ def gpu_receipt(root: Path) -> str:
     receipt = _load(root, "gpu_check")
     env = receipt["stages"]["environment"]["result"]
     ver = env["versions"]
-    lines = [f"Receipt of {receipt['started_utc']}: {env.get('gpu')}, driver {env.get('nvidia_smi', {}).get('driver')}, "
+    lines = [f"Receipt of {receipt['started_utc']}: {env.get('gpu')}, driver {(env.get('driver') or {}).get('driver', 'n/a')}, "
              f"CUDA {env.get('cuda')}, torch {ver.get('torch')}, transformers {ver.get('transformers')}, triton "
              f"{ver.get('triton')}, trl {ver.get('trl')}, liger-kernel {ver.get('liger_kernel')}; "
              f"{receipt['elapsed_s']:.0f} s.", "",

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _dry_run(tmp_path: Path, *extra: str, timeout: int = 300) -> dict:
     before = results_digest()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out-dir", str(tmp_path),
-                           "--wheels", str(tmp_path / "no-wheels"), *extra],
+                           "--carry", str(tmp_path / "no-carry"), *extra],
                           cwd=ROOT, env=offline_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=timeout)
     assert results_digest() == before
@@ -34,21 +34,27 @@ def _dry_run(tmp_path: Path, *extra: str, timeout: int = 300) -> dict:
 
 
 def test_dry_run_one_stage_out_of_time_loses_only_itself(tmp_path):
-    receipt = _dry_run(tmp_path, "--stages", "environment", "wheels", "precision", "loss_kernel",
+    receipt = _dry_run(tmp_path, "--stages", "carry", "environment", "precision", "loss_kernel",
                        "--stage-budget", "precision=0.05")  # far below a subprocess start: always out of time
     stages = receipt["stages"]
-    assert list(stages) == ["environment", "wheels", "precision", "loss_kernel"]
+    assert list(stages) == ["carry", "environment", "precision", "loss_kernel"]
     assert stages["precision"]["status"] == "timeout" and "budget" in stages["precision"]["reason"]
     assert receipt["returncode"] == 1  # a stage did not finish: the command says so
     assert stages["environment"]["status"] == "ok"
     assert set(gpu_check.MODULES) <= set(stages["environment"]["result"]["versions"])
-    assert stages["wheels"]["result"]["note"].startswith("no wheels")
+    assert stages["carry"]["status"] == "ok" and stages["carry"]["result"]["notes"][0].startswith("nothing carried")
     kernel = stages["loss_kernel"]
     assert kernel["status"] == "ok" and kernel["result"]["quick"] is True
-    assert kernel["result"]["settings"]["dtype"] == "bfloat16" and kernel["result"]["settings"]["liger"] is False
-    # no GPU, no Liger, no trainer stage: every goal is reported, none is claimed
-    assert [g["goal"] for g in receipt["goals"]] == [g[0] for g in gpu_check.GOALS]
-    assert {g["status"] for g in receipt["goals"]} == {"not measured"}
+    # the dry run puts a CPU stand-in of Liger's fused linear cross-entropy on the path: its code path runs,
+    # and the Liger goals are evaluated from bench_loss_kernel's own output (not a measurement: a dry run)
+    assert kernel["result"]["settings"]["dtype"] == "bfloat16" and kernel["result"]["settings"]["liger"] is True
+    assert "liger_flce" in kernel["result"]["main"][0]["times"]
+    goals = {g["goal"]: g for g in receipt["goals"]}
+    assert list(goals) == [g[0] for g in gpu_check.GOALS]
+    assert goals["fused_over_liger_time"]["value"] == kernel["result"]["headline"]["time_fused_over_liger_iqr"]["median"]
+    assert goals["fused_over_liger_memory"]["status"] in ("met", "NOT met")
+    # no trainer stage: its goals are reported, none is claimed
+    assert {goals[k]["status"] for k in ("shiq_over_sft", "shiq_over_dpo", "shiq_mfu")} == {"not measured"}
 
 
 def test_goals_are_evaluated_from_the_stage_results():
@@ -98,10 +104,15 @@ def test_the_gpu_commands_parse(tmp_path):
     """The full (GPU) command of every benchmark stage is accepted by its script's parser (no typo waits for a GPU)."""
     import importlib
 
-    ctx = gpu_check.Context(dry_run=False, device="cuda", work=tmp_path, wheels=tmp_path, skip={})
+    ctx = gpu_check.Context(dry_run=False, device="cuda", work=tmp_path, carry=tmp_path, site=tmp_path, skip={})
     parsed = 0
     for stage in gpu_check.STAGES:
         if stage.command is None or stage.name == "notebook04":
+            continue
+        if stage.name == "cuda_tests":  # every test it names exists (a renamed test would silently run nothing)
+            for node in gpu_check.CUDA_TESTS:
+                path, name = node.split("::")
+                assert name in (ROOT / path).read_text(), node
             continue
         argv = stage.command(ctx)
         assert argv[1] == "-m", argv
@@ -116,3 +127,66 @@ def test_the_gpu_commands_parse(tmp_path):
     args = importlib.import_module("benchmarks.bench_train_step").parse_args(
         gpu_check.STAGES[gpu_check.STAGE_NAMES.index("train_step")].command(ctx)[3:])
     assert args.batch * (args.prompt_len + args.completion_len) >= 16384  # the MFU goal's tokens per step
+
+
+def test_a_gpu_receipt_renders_in_the_readme_and_its_markdown(tmp_path):
+    """The paths that read a GPU receipt (the README block, the receipt's markdown) run only once a GPU run is
+    committed: here on a receipt shaped as a GPU run writes it (environment from CUDA and NVML)."""
+    from benchmarks.readme_sections import gpu_receipt
+
+    env = {"device": "cuda", "gpu": "NVIDIA H200", "cuda": "13.0", "capability": [9, 0],
+           "driver": {"source": "nvml", "driver": "580.159.03", "name": "NVIDIA H200"},
+           "versions": dict.fromkeys(gpu_check.MODULES, "1.0")}
+    kernel = {"headline": {"time_fused_over_liger": 1.5, "matmul_floor": 4 / 3, "peak_memory_fused_over_liger": 0.9,
+                           "time_fused_over_liger_iqr": {"median": 1.5, "q1": 1.4, "q3": 1.6, "n": 15}}}
+    stages = {"carry": {"status": "ok", "seconds": 9.0, "budget_s": 60.0, "result": {
+                  "parts_this_call": ["3/3"], "calls": 3, "missing_parts": [], "items": {"trl": "complete"},
+                  "notes": [], "unsatisfied_requirements": {}}},
+              "environment": {"status": "ok", "seconds": 1.0, "budget_s": 20.0, "result": env},
+              "loss_kernel": {"status": "ok", "seconds": 40.0, "budget_s": 90.0, "result": kernel}}
+    receipt = {"receipt": "gpu_check", "dry_run": False, "budget_s": 480.0, "elapsed_s": 50.0, "finished": True,
+               "started_utc": "2026-12-01T13:00:00Z", "stages": stages}
+    gpu_check.write_receipt(receipt, tmp_path / "benchmarks" / "results")
+    text = gpu_receipt(tmp_path)
+    assert text.startswith("Receipt of 2026-12-01T13:00:00Z: NVIDIA H200, driver 580.159.03, CUDA 13.0")
+    assert "| loss kernel time / Liger fused linear CE (trained output layer) | <= 1.4 | 1.500 [1.400, 1.600] | NOT met |" \
+        in text
+    md = (tmp_path / "benchmarks" / "results" / "gpu_check.md").read_text()
+    assert "Device: NVIDIA H200, driver 580.159.03, CUDA 13.0" in md
+    assert "Carry (benchmarks/gpu_carry.py): parts this call ['3/3']; 3 call(s) unpacked; missing parts none" in md
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989.5), ("NVIDIA H200 NVL", 835.5), ("NVIDIA GH200 480GB", 989.5),
+                                        ("NVIDIA H100 80GB HBM3", 989.5), ("NVIDIA H100 PCIe", 756.5)])
+def test_mfu_peak_of_the_gpus_by_name(monkeypatch, name, peak):
+    """The MFU peak a CUDA run reads off the device name (datasheet dense bf16: half the 'with sparsity' figure)."""
+    import torch
+
+    from benchmarks import common
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert common.peak_tflops(torch.device("cuda"), True, None)[0] == peak
+
+
+def test_driver_from_nvml_else_nvidia_smi_else_the_reason(monkeypatch):
+    """environment()'s driver probe, the GPU-only path, with a stand-in NVML (older nvidia-ml-py returns bytes)."""
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: calls.append("init"), nvmlShutdown=lambda: calls.append("shutdown"),
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlSystemGetDriverVersion=lambda: b"580.159.03",
+        nvmlDeviceGetName=lambda h: "NVIDIA H200",
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=150754820096))
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert gpu_check._driver() == {"source": "nvml", "driver": "580.159.03", "name": "NVIDIA H200",
+                                   "memory_bytes": 150754820096}
+    assert calls == ["init", "shutdown"]
+
+    def broken() -> None:
+        raise RuntimeError("NVML Shared Library Not Found")
+
+    fake.nvmlInit = broken
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi either
+    out = gpu_check._driver()
+    assert out["source"] is None and "NVML Shared Library Not Found" in out["error"] and "nvidia-smi" in out["error"]

@@ -165,21 +165,33 @@ def stats_from_hidden(
     *,
     chunk_size: int | None = None,
     positions: torch.Tensor | None = None,
+    cast_lm_head_to_fp32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, logz)`` [B, L] from final hidden states, on action tokens only (0 elsewhere).
 
     Position t holds the statistics of generating ``input_ids[t]`` from the state after t-1
     tokens; position 0 is always 0 (no state before the first token). ``positions``: the
     :func:`action_positions` of ``action_mask``, when the caller has them (no device sync).
+    Under autocast the output layer's matmuls run in the autocast dtype (as the model's own
+    ``lm_head`` would), unless ``cast_lm_head_to_fp32``; logsumexp and gradients accumulate in fp32.
     """
     _, _, head = causal_lm_parts(model)
     weight, bias = head.weight, getattr(head, "bias", None)
     pos = _positions(action_mask, positions)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos - 1)  # the state before each action
-    if h.dtype != weight.dtype:  # autocast gives low-precision hidden states next to fp32 weights
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type) and not cast_lm_head_to_fp32:
+        # mixed precision: the output layer's matmuls run in the autocast dtype, as the model's own lm_head
+        # (and SFT's, TRL's, Liger's) would under autocast; the kernel still accumulates logsumexp and the
+        # gradients in fp32. Casting the fp32 master weights is autocast's own per-forward copy.
+        cdt = torch.get_autocast_dtype(device_type)
+        weight = weight.to(cdt)
+        bias = bias.to(cdt) if bias is not None else None
+        h = h.to(cdt)
+    elif h.dtype != weight.dtype:
         h = h.to(weight.dtype)
     actions = input_ids.reshape(-1).index_select(0, pos)
-    with torch.autocast(device_type=h.device.type, enabled=False):
+    with torch.autocast(device_type=device_type, enabled=False):
         logp, logz = chunked_token_logprobs(h, weight, actions, bias=bias, chunk_size=chunk_size)
     return _scatter(logp, pos, input_ids.shape), _scatter(logz, pos, input_ids.shape)
 
@@ -204,6 +216,7 @@ def token_stats(
     return_hidden: bool = False,
     positions: torch.Tensor | None = None,
     return_capture: bool = False,
+    cast_lm_head_to_fp32: bool = False,
 ) -> tuple[Any, ...]:
     """``(logp, logz)`` [B, L] fp32 of a causal LM, aligned to ``input_ids``, 0 off ``action_mask``.
 
@@ -212,6 +225,8 @@ def token_stats(
     :func:`action_positions` of ``action_mask`` computed on the host (else computed here: one
     device sync on an accelerator). With ``return_hidden=True`` also returns the final hidden states
     [B, L, H]; with ``return_capture=True`` the whole :class:`Capture` instead (for :class:`StateLogits`).
+    ``cast_lm_head_to_fp32``: see :func:`stats_from_hidden` (chunked mode; in ``"full"`` mode the model's own
+    ``lm_head`` runs as autocast says).
     """
     mode = resolve_logits_mode(model, logits_mode)
     cap = capture(model, input_ids, attention_mask, mode=mode)
@@ -219,7 +234,8 @@ def token_stats(
     if mode == "full":
         logp, logz = _stats_from_logits(cap.logits, input_ids, pos)
     else:
-        logp, logz = stats_from_hidden(model, cap.hidden, input_ids, action_mask, chunk_size=chunk_size, positions=pos)
+        logp, logz = stats_from_hidden(model, cap.hidden, input_ids, action_mask, chunk_size=chunk_size, positions=pos,
+                                       cast_lm_head_to_fp32=cast_lm_head_to_fp32)
     if return_capture:
         return logp, logz, cap
     return (logp, logz, cap.hidden) if return_hidden else (logp, logz)
