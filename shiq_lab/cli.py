@@ -160,13 +160,14 @@ def _precompute(argv: list[str]) -> int:
                                preference_rewards=(cfg.chosen_reward, cfg.rejected_reward),
                                allow_zero_rewards=cfg.allow_zero_rewards)
         kwargs = dict(batch_size=cfg.ref_batch_size, chunk_size=cfg.logits_chunk_size, logits_mode=cfg.logits_mode,
-                      autocast_dtype=autocast_dtype(cfg))
+                      autocast_dtype=autocast_dtype(cfg), cast_lm_head_to_fp32=cfg.cast_lm_head_to_fp32)
         if ns.output and split == "train":
             where = write_reference_stats(ns.output, model, tok, reference_id=cfg.reference_id, **kwargs)
         else:
             precompute_reference(model, tok, cache_dir=cfg.ref_cache_dir, reference_id=cfg.reference_id, **kwargs)
             cache = ReferenceCache(cfg.ref_cache_dir)
-            ident = reference_identity(model, cfg.reference_id, autocast_dtype(cfg))
+            ident = reference_identity(model, cfg.reference_id, autocast_dtype(cfg),
+                                       cast_lm_head_to_fp32=cfg.cast_lm_head_to_fp32)
             where = cache.path(cache.key(dataset_fingerprint(tok), ident))
             if not where.exists():  # a read-only cache: computed in memory only (the cache warned why)
                 print(f"reference statistics ({split}, {len(tok)} rows, reference {ref_name}): computed but NOT "

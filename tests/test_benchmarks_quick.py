@@ -134,7 +134,7 @@ def test_goal_status_uses_the_spread():
 
 
 @pytest.mark.parametrize("script", ["bench_loss_kernel", "bench_train_step", "bench_reference_precompute",
-                                    "bench_scaling"])
+                                    "bench_scaling", "bench_bfcl_rollout"])
 def test_every_benchmark_sends_quick_runs_outside_the_results(script):
     import importlib
 
@@ -143,3 +143,16 @@ def test_every_benchmark_sends_quick_runs_outside_the_results(script):
     assert parse([]).out_dir == RESULTS_DIR
     with pytest.raises(SystemExit):  # refused before any work
         parse(["--quick", "--out-dir", str(RESULTS_DIR)])
+
+
+def test_bfcl_rollout_quick_plays_the_same_trajectories_at_every_batch_size(tmp_path):
+    from shiq_lab.infra import assets
+
+    if not assets.is_fetched("bfcl"):
+        pytest.skip("the BFCL-V3 asset is not fetched: run `python -m shiq_lab.infra.assets fetch bfcl`")
+    _run_quick("benchmarks.bench_bfcl_rollout", tmp_path)
+    payload = json.loads((tmp_path / "bfcl_rollout_tiny.json").read_text())
+    assert payload["quick"] is True and payload["settings"]["trajectories"] == 4
+    assert [r["batch_size"] for r in payload["results"].values()] == [1, 4]
+    assert all(r["same_calls_as_single"] for r in payload["results"].values())
+    assert f"{payload['results']['batch_4']['trajectories_per_s']:.3f}" in (tmp_path / "bfcl_rollout_tiny.md").read_text()

@@ -213,3 +213,54 @@ def test_token_stats_keep_the_bits_the_cache_was_written_with(tiny, data):
         for positions in (None, action_positions(mask)):
             logp, logz = token_stats(model, ids, am, mask, chunk_size=5, positions=positions)
             assert torch.equal(logp[:, 1:][m], v1_logp) and torch.equal(logz[:, 1:][m], v1_logz)
+
+
+def test_under_autocast_the_output_layer_runs_in_the_autocast_dtype(tiny, data):
+    """Mixed precision: the kernel's matmuls run in bf16 on the bf16-cast hidden states and weights (as the model's
+    own lm_head does under autocast), the fp32 master weight still gets its gradient, and the statistics are
+    not the fp32-output-layer ones (hence another cache identity)."""
+    from shiq_lab.lm.kernel import chunked_token_logprobs
+    from shiq_lab.lm.stats import forward_hidden
+
+    model, tok = tiny
+    b = batch_of(data, tok, [0, 1])
+    ids, am, mask = b["input_ids"], b["attention_mask"], b["action_mask"]
+    w = model.get_output_embeddings().weight
+    assert w.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden, _ = forward_hidden(model, ids, am)
+        logp, logz = token_stats(model, ids, am, mask, chunk_size=5)
+    m = mask[:, 1:].bool()
+    with torch.no_grad():
+        h = hidden[:, :-1][m]
+        want = chunked_token_logprobs(h.bfloat16(), w.bfloat16(), ids[:, 1:][m], chunk_size=5)
+        fp32 = chunked_token_logprobs(h.float(), w, ids[:, 1:][m], chunk_size=5)
+    assert torch.equal(logp[:, 1:][m], want[0]) and torch.equal(logz[:, 1:][m], want[1])
+    assert (logz[:, 1:][m] - fp32[1]).abs().max() > 1e-6  # bf16 logits are not fp32 ones (the tiny model: ~3e-5)
+    model.zero_grad()
+    logz.sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32 and w.grad.abs().max() > 0
+    model.zero_grad()
+    ident = reference_identity(model, autocast_dtype=torch.bfloat16)
+    assert ident["output_layer"] == "autocast" and "output_layer" not in reference_identity(model)
+
+
+def test_cast_lm_head_to_fp32_keeps_the_output_layer_in_fp32_under_autocast(tiny, data):
+    """The precise option: under bf16 autocast the kernel runs on fp32 weights and the (bf16) hidden states cast
+    to fp32, the 0.1 behaviour, whose cache entries keep their identity."""
+    from shiq_lab.lm.kernel import chunked_token_logprobs
+    from shiq_lab.lm.stats import forward_hidden
+
+    model, tok = tiny
+    b = batch_of(data, tok, [0, 1])
+    ids, am, mask = b["input_ids"], b["attention_mask"], b["action_mask"]
+    w = model.get_output_embeddings().weight
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden, _ = forward_hidden(model, ids, am)
+        logp, logz = token_stats(model, ids, am, mask, chunk_size=5, cast_lm_head_to_fp32=True)
+    m = mask[:, 1:].bool()
+    with torch.no_grad():
+        want = chunked_token_logprobs(hidden[:, :-1][m].float(), w, ids[:, 1:][m], chunk_size=5)
+    assert torch.equal(logp[:, 1:][m], want[0]) and torch.equal(logz[:, 1:][m], want[1])
+    ident = reference_identity(model, autocast_dtype=torch.bfloat16, cast_lm_head_to_fp32=True)
+    assert "output_layer" not in ident and ident["autocast"] == "bfloat16"

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers.fake_lm import NEVER, FakeLM, constant_table
 
-from shiq_lab.evaluation.sampling import build_offline_dataset, sample_completions, score_samples
+from shiq_lab.evaluation.sampling import build_offline_dataset, sample_batch, sample_completions, score_samples
 from shiq_lab.infra.models import load_model, load_tokenizer
 
 
@@ -104,3 +104,20 @@ def test_bad_inputs_name_the_problem(tok):
         s.to_dataset()
     with pytest.raises(ValueError, match="returned 2 rewards for 1 samples"):
         score_samples(s, lambda p, c: torch.zeros(2))
+
+
+def test_sample_batch_with_one_generator_per_row_draws_each_row_as_if_alone(tok):
+    model = FakeLM(constant_table({10: 0.25, 11: 0.25, 12: 0.25, 13: 0.25}, len(tok)))
+    prompts = [tok(p)["input_ids"] for p in ["the movie was very good", "a film", "ok then"]]
+
+    def draw(rows, seeds, temperature=1.0):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return sample_batch(model, rows, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=12,
+                            temperature=temperature, generator=gens, device="cpu")
+
+    together = draw(prompts, [1, 2, 3])
+    assert together == [draw([p], [s])[0] for p, s in zip(prompts, [1, 2, 3])]
+    assert len({tuple(r) for r in together}) == 3 and draw(prompts[:1], [4]) != together[:1]
+    greedy = FakeLM(constant_table({10: 0.2, 11: 0.5, 12: 0.3}, len(tok)))
+    assert sample_batch(greedy, prompts, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, max_new_tokens=3,
+                        temperature=0.0, generator=None, device="cpu") == [[11, 11, 11]] * 3

@@ -227,9 +227,22 @@ def test_trainer_requires_a_tokenizer_and_a_shiq_config(tmp_path):
                     processing_class=tok)
 
 
-def test_mixed_precision_starts_calibrated_because_the_reference_runs_under_the_same_autocast(tmp_path):
-    tr = trainer_for(tmp_path, per_device_train_batch_size=8, ref_batch_size=8, bf16=True)
+@pytest.mark.parametrize("fp32_head", [False, True])
+def test_mixed_precision_starts_calibrated_because_the_reference_runs_under_the_same_autocast(tmp_path, monkeypatch,
+                                                                                             fp32_head):
+    """bf16: the policy's output layer runs in bf16 in the step (accelerate autocasts only the model's forward;
+    the trainer puts the kernel under the same autocast) or, with cast_lm_head_to_fp32, in fp32; the reference
+    precompute does the same, so the first loss is the closed form at theta = ref either way."""
+    import shiq_lab.lm.stats as stats
+
+    seen, kernel = [], stats.chunked_token_logprobs
+    monkeypatch.setattr(stats, "chunked_token_logprobs", lambda h, w, *a, **k: seen.append((h.dtype, w.dtype))
+                        or kernel(h, w, *a, **k))
+    tr = trainer_for(tmp_path, per_device_train_batch_size=8, ref_batch_size=8, bf16=True,
+                     cast_lm_head_to_fp32=fp32_head)
     tr.train()
+    want = torch.float32 if fp32_head else torch.bfloat16
+    assert len(seen) >= 2 and set(seen) == {(want, want)}  # the precompute's and the step's
     R = [r["reward"] for r in ROWS]
     n = [sum(m[1:]) for m in tr.train_dataset["action_mask"]]
     assert losses(tr)[0] == pytest.approx(sum(ni * ri**2 for ni, ri in zip(n, R)) / sum(n), rel=1e-6)

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from shiq_lab.data.batch import pad_token_id, pad_with_mask
 from shiq_lab.lm.modes import eval_mode, on_device
 
-__all__ = ["RewardFn", "Samples", "sample_completions", "score_samples", "build_offline_dataset"]
+__all__ = ["RewardFn", "Samples", "sample_batch", "sample_completions", "score_samples", "build_offline_dataset"]
 
 #: ``reward_fn(prompts, completions) -> [N]`` rewards (e.g. :class:`shiq_lab.tasks.imdb.reward.SentimentReward`)
 RewardFn = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
@@ -68,33 +68,68 @@ def _cache_name(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
+def _last_logits_only(model: torch.nn.Module) -> dict[str, int]:
+    """The keyword that makes ``forward`` compute the last position's logits only, where it has one.
+
+    A prefill of B prompts of L tokens would otherwise build [B, L, V] logits (gigabytes at V ~ 50k) to read
+    [B, V] of them.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 def _cache_of(output: Any) -> Any:
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
 
 
 @torch.no_grad()
-def _sample_batch(model: PreTrainedModel, prompt_ids: list[list[int]], *, pad_id: int, eos_id: int | None,
-                  max_new_tokens: int, temperature: float, generator: torch.Generator,
-                  device: torch.device) -> list[list[int]]:
-    input_ids, attn = pad_with_mask(prompt_ids, pad_id, "left")
+def sample_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *, pad_id: int, eos_id: int | None,
+                 max_new_tokens: int, temperature: float, generator: torch.Generator | Sequence[torch.Generator] | None,
+                 device: torch.device | str) -> list[list[int]]:
+    """Continue every row of ``prompt_ids`` in one left-padded, KV-cached batch; the new ids of each row.
+
+    A row stops at ``eos_id`` (kept as its last id) or after ``max_new_tokens`` ids. ``temperature <= 0`` is
+    greedy (argmax; ``generator`` unused). ``generator`` is one generator for the whole batch (on ``device``),
+    or one CPU generator per row: each row's draws then come from its own stream, so what a row samples does
+    not depend on which other rows share its batch (up to the floating-point effect of padding on logits).
+    The caller puts the model in eval mode and on ``device``; ``pad_id`` comes from
+    :func:`shiq_lab.data.batch.pad_token_id`.
+    """
+    rows_in = [list(r) for r in prompt_ids]
+    per_row = generator is not None and not isinstance(generator, torch.Generator)
+    if per_row and len(generator) != len(rows_in):  # type: ignore[arg-type]
+        raise ValueError(f"{len(generator)} generators for {len(rows_in)} rows: give one per row")  # type: ignore[arg-type]
+    input_ids, attn = pad_with_mask(rows_in, pad_id, "left")
     input_ids, attn = input_ids.to(device), attn.to(device)
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     cache_kw = _cache_name(model)
-    out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True)
+    out = model(input_ids=input_ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                **_last_logits_only(model))
     past, logits = _cache_of(out), out.logits[:, -1]
     next_pos = positions[:, -1] + 1
-    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    done = torch.zeros(len(rows_in), dtype=torch.bool, device=device)
     steps = []
     for _ in range(max_new_tokens):
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        if temperature <= 0:
+            token = logits.float().argmax(-1)
+        elif per_row:
+            probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
+            token = torch.stack([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generator)])  # type: ignore[arg-type]
+            token = token.squeeze(1).to(device)
+        else:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         token = torch.where(done, torch.full_like(token, pad_id), token)
         steps.append(token)
         if eos_id is not None:
             done = done | (token == eos_id)
-        if bool(done.all()):
-            break
+        if len(steps) == max_new_tokens or bool(done.all()):
+            break  # no forward pass for a token that will not be drawn
         # positions after a row's EOS are filled with pad and ignored; attending to them is harmless
         attn = torch.cat([attn, torch.ones_like(attn[:, :1])], dim=1)
         out = model(input_ids=token[:, None], attention_mask=attn, position_ids=next_pos[:, None],
@@ -102,7 +137,7 @@ def _sample_batch(model: PreTrainedModel, prompt_ids: list[list[int]], *, pad_id
         past, logits = _cache_of(out), out.logits[:, -1]
         next_pos = next_pos + 1
     if not steps:
-        return [[] for _ in prompt_ids]
+        return [[] for _ in rows_in]
     tokens = torch.stack(steps, dim=1).tolist()
     rows = []
     for row in tokens:
@@ -159,7 +194,7 @@ def sample_completions(
         generator = torch.Generator(device=where).manual_seed(seed)
         for k in range(0, len(order), batch_size):
             chunk = [ids for _, ids in order[k:k + batch_size]]
-            completion_ids += _sample_batch(model, chunk, pad_id=pad_token_id(tokenizer), eos_id=tokenizer.eos_token_id,
+            completion_ids += sample_batch(model, chunk, pad_id=pad_token_id(tokenizer), eos_id=tokenizer.eos_token_id,
                                             max_new_tokens=max_new_tokens, temperature=temperature,
                                             generator=generator, device=where)
     eos = tokenizer.eos_token_id

@@ -174,6 +174,7 @@ def stats_from_hidden(
     *,
     chunk_size: int | None = None,
     positions: torch.Tensor | None = None,
+    cast_lm_head_to_fp32: bool = False,
     compiled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logp, logz)`` [B, L] from final hidden states, on action tokens only (0 elsewhere).
@@ -181,16 +182,27 @@ def stats_from_hidden(
     Position t holds the statistics of generating ``input_ids[t]`` from the state after t-1
     tokens; position 0 is always 0 (no state before the first token). ``positions``: the
     :func:`action_positions` of ``action_mask``, when the caller has them (no device sync).
+    Under autocast the output layer's matmuls run in the autocast dtype (as the model's own
+    ``lm_head`` would), unless ``cast_lm_head_to_fp32``; logsumexp and gradients accumulate in fp32.
     ``compiled``: the kernel's compiled path (``logits_mode="chunked-compiled"``).
     """
     _, _, head = causal_lm_parts(model)
     weight, bias = head.weight, getattr(head, "bias", None)
     pos = _positions(action_mask, positions)
     h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, pos - 1)  # the state before each action
-    if h.dtype != weight.dtype:  # autocast gives low-precision hidden states next to fp32 weights
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type) and not cast_lm_head_to_fp32:
+        # mixed precision: the output layer's matmuls run in the autocast dtype, as the model's own lm_head
+        # (and SFT's, TRL's, Liger's) would under autocast; the kernel still accumulates logsumexp and the
+        # gradients in fp32. Casting the fp32 master weights is autocast's own per-forward copy.
+        cdt = torch.get_autocast_dtype(device_type)
+        weight = weight.to(cdt)
+        bias = bias.to(cdt) if bias is not None else None
+        h = h.to(cdt)
+    elif h.dtype != weight.dtype:
         h = h.to(weight.dtype)
     actions = input_ids.reshape(-1).index_select(0, pos)
-    with torch.autocast(device_type=h.device.type, enabled=False):
+    with torch.autocast(device_type=device_type, enabled=False):
         logp, logz = chunked_token_logprobs(h, weight, actions, bias=bias, chunk_size=chunk_size, compiled=compiled)
     return _scatter(logp, pos, input_ids.shape), _scatter(logz, pos, input_ids.shape)
 
@@ -215,14 +227,18 @@ def token_stats(
     return_hidden: bool = False,
     positions: torch.Tensor | None = None,
     return_capture: bool = False,
+    cast_lm_head_to_fp32: bool = False,
 ) -> tuple[Any, ...]:
     """``(logp, logz)`` [B, L] fp32 of a causal LM, aligned to ``input_ids``, 0 off ``action_mask``.
 
     ``logits_mode`` (see :func:`resolve_logits_mode`): ``"chunked"`` never builds [B, T, V] logits
-    (``"chunked-compiled"``: the same, its tiles fused by ``torch.compile``); ``"full"`` uses the model's logits (selected rows only are converted to fp32). ``positions``:
+    (``"chunked-compiled"``: the same, its tiles fused by ``torch.compile``); ``"full"`` uses the model's
+    logits (selected rows only are converted to fp32). ``positions``:
     :func:`action_positions` of ``action_mask`` computed on the host (else computed here: one
     device sync on an accelerator). With ``return_hidden=True`` also returns the final hidden states
     [B, L, H]; with ``return_capture=True`` the whole :class:`Capture` instead (for :class:`StateLogits`).
+    ``cast_lm_head_to_fp32``: see :func:`stats_from_hidden` (chunked mode; in ``"full"`` mode the model's own
+    ``lm_head`` runs as autocast says).
     """
     mode = resolve_logits_mode(model, logits_mode)
     cap = capture(model, input_ids, attention_mask, mode=mode)
@@ -231,7 +247,7 @@ def token_stats(
         logp, logz = _stats_from_logits(cap.logits, input_ids, pos)
     else:
         logp, logz = stats_from_hidden(model, cap.hidden, input_ids, action_mask, chunk_size=chunk_size, positions=pos,
-                                       compiled=mode == "chunked-compiled")
+                                       cast_lm_head_to_fp32=cast_lm_head_to_fp32, compiled=mode == "chunked-compiled")
     if return_capture:
         return logp, logz, cap
     return (logp, logz, cap.hidden) if return_hidden else (logp, logz)

@@ -121,13 +121,15 @@ def _base_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
 
 
 def reference_identity(model: torch.nn.Module, reference_id: str | None = None,
-                       autocast_dtype: torch.dtype | None = None) -> dict[str, str]:
+                       autocast_dtype: torch.dtype | None = None, *,
+                       cast_lm_head_to_fp32: bool = False) -> dict[str, str]:
     """What identifies the reference: class, architecture config and a weights hash (or ``reference_id``).
 
     The weights hash covers every base parameter (bytes, dtype, shape, name as in the plain model),
     so a PEFT model with adapters disabled and its base model share an identity. Passing
     ``reference_id`` (e.g. ``"HuggingFaceTB/SmolLM2-135M-Instruct@<revision>"``) skips the hash.
-    Statistics computed under mixed precision (``autocast_dtype``) are another identity.
+    Statistics computed under mixed precision (``autocast_dtype``) are another identity, and so is the
+    precision of their output layer under it (``cast_lm_head_to_fp32``).
     """
     core, _, _ = causal_lm_parts(model)
     cfg = {k: v for k, v in core.config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
@@ -135,6 +137,9 @@ def reference_identity(model: torch.nn.Module, reference_id: str | None = None,
              "config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]}
     if autocast_dtype is not None:
         ident["autocast"] = str(autocast_dtype).replace("torch.", "")
+        if not cast_lm_head_to_fp32:
+            # since 0.2 the output layer follows autocast; 0.1 ran it in fp32 (its entries are the fp32 ones)
+            ident["output_layer"] = "autocast"
     if reference_id is not None:
         ident["reference_id"] = str(reference_id)
         return ident
@@ -384,11 +389,13 @@ def compute_reference_stats(
     logits_mode: str = "auto",
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
+    cast_lm_head_to_fp32: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per-row ``ref_logp`` and ``ref_logz`` arrays (aligned to ``input_ids``) of ``model`` as the reference.
 
     ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward passes under the mixed precision
-    training will use, so at theta = ref the policy's statistics equal these.
+    training will use, so at theta = ref the policy's statistics equal these; ``cast_lm_head_to_fp32`` as in
+    training (:func:`~shiq_lab.lm.stats.stats_from_hidden`).
     """
     from shiq_lab.data.batch import ShiQCollator
 
@@ -411,7 +418,7 @@ def compute_reference_stats(
             ids, am, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "action_mask"))
             with autocast:
                 logp, logz = token_stats(reference, ids, am, mask, chunk_size=chunk_size, logits_mode=logits_mode,
-                                         positions=positions)
+                                         positions=positions, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
             lengths = batch["attention_mask"].sum(1).tolist()
             for b, n in enumerate(lengths):
                 logp_rows.append(logp[b, :n].float().cpu().numpy())
@@ -448,6 +455,7 @@ def precompute_reference(
     logits_mode: str = "auto",
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
+    cast_lm_head_to_fp32: bool = False,
 ) -> Dataset:
     """Add ``ref_logp`` / ``ref_logz`` (the reference's statistics, aligned to ``input_ids``) to ``ds``.
 
@@ -458,7 +466,7 @@ def precompute_reference(
     runs no forward pass; a miss computes and stores the entry.
     """
     fingerprint = dataset_fingerprint(ds)
-    identity = reference_identity(model, reference_id, autocast_dtype)
+    identity = reference_identity(model, reference_id, autocast_dtype, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
     if stats_path is not None:
         logp, logz, lengths = ReferenceCache.read(stats_path, fingerprint=fingerprint, identity=identity)
         return attach_reference_stats(ds, logp, logz, lengths)
@@ -468,7 +476,8 @@ def precompute_reference(
         logger.info("reference statistics: cache hit %s", cache.path(cache.key(fingerprint, identity)))
         return attach_reference_stats(ds, *hit)
     logp_rows, logz_rows = compute_reference_stats(model, ds, batch_size=batch_size, chunk_size=chunk_size,
-                                                   logits_mode=logits_mode, device=device, autocast_dtype=autocast_dtype)
+                                                   logits_mode=logits_mode, device=device, autocast_dtype=autocast_dtype,
+                                                   cast_lm_head_to_fp32=cast_lm_head_to_fp32)
     if cache is not None:
         try:
             where = cache.save(fingerprint, identity, logp_rows, logz_rows)
@@ -485,5 +494,6 @@ def write_reference_stats(folder: str | os.PathLike, model: torch.nn.Module, ds:
     """Compute the reference statistics of ``ds`` and write them as an entry at ``folder`` (atomically)."""
     logp, logz = compute_reference_stats(model, ds, **kwargs)
     return ReferenceCache.write(folder, logp, logz, fingerprint=dataset_fingerprint(ds),
-                                identity=reference_identity(model, reference_id, kwargs.get("autocast_dtype")))
+                                identity=reference_identity(model, reference_id, kwargs.get("autocast_dtype"),
+                                                            cast_lm_head_to_fp32=kwargs.get("cast_lm_head_to_fp32", False)))
 

@@ -69,6 +69,11 @@ class ShiQConfig(TrainingArguments):
         "help": "'chunked' (no [B,T,V] tensor), 'chunked-compiled' (the same kernel through torch.compile: triton "
                 "on CUDA, a C++ compiler on CPU), 'full' (model logits; FSDP / ZeRO-3 / soft-capping) or 'auto'"})
     logits_chunk_size: int | None = field(default=None, metadata={"help": "tokens per tile of the chunked log-probs"})
+    # bf16/fp16: the output layer's matmuls follow autocast by default, as the model's own lm_head, SFT, TRL and
+    # Liger do (in fp32 they are ~15x slower on a GPU's tensor cores without TF32). fp32 logits are the precise
+    # option for Q-values (bf16 keeps ~3 significant digits of a logit); logsumexp and gradients are fp32 either way
+    cast_lm_head_to_fp32: bool = field(default=False, metadata={
+        "help": "bf16/fp16: run the output layer (the Q-values) in fp32 instead of the autocast dtype (slower)"})
     value_head_learning_rate: float | None = field(default=None, metadata={
         "help": "dro: learning rate of the value head (default: learning_rate)"})
     remove_unused_columns: bool = field(default=False, metadata={"help": "kept False: the loss reads its own columns"})

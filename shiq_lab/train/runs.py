@@ -62,7 +62,7 @@ _CONFIG_FIELDS = (
     "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
     "lr_scheduler_kwargs", "warmup_steps", "optim", "optim_args", "weight_decay", "adam_beta1", "adam_beta2",
     "adam_epsilon", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16", "neftune_noise_alpha", "seed",
-    "data_seed", "dataloader_drop_last",
+    "data_seed", "dataloader_drop_last", "cast_lm_head_to_fp32",
 )
 #: recorded, but a resume may change them (training a run further)
 _EXTENDABLE = ("max_steps", "num_train_epochs")

@@ -26,6 +26,12 @@ for ShiQ, sequences for DRO and ShiQ with ``loss_reduction="sequence"``, pairs f
 so the optimised and logged loss is the plain mean over the global batch, whatever the number of
 processes or accumulation steps.
 
+Mixed precision (``bf16`` / ``fp16``): accelerate autocasts the model's forward only, so the step puts the
+kernel under the same autocast; the output layer's matmuls then run in bf16 like the model's own
+``lm_head`` (and SFT's, TRL's, Liger's), with logsumexp and gradients accumulated in fp32.
+``cast_lm_head_to_fp32=True`` keeps them in fp32 (precise logits, i.e. Q-values; slower on tensor
+cores). The reference precompute runs the same way, and the cache tells the two apart.
+
 No host syncs in the step (issue 14): datasets are validated once in :meth:`prepare_dataset` (token
 ids, masks, finite rewards), so the step runs the losses and the kernel under
 :func:`shiq_lab.losses.trusted_inputs`; the collator computes the response positions on the host
@@ -239,7 +245,7 @@ class ShiQTrainer(Trainer):
                     reference, ds, batch_size=args.ref_batch_size, cache_dir=args.ref_cache_dir,
                     use_cache=args.use_ref_cache, stats_path=stats_path, reference_id=args.reference_id,
                     chunk_size=args.logits_chunk_size, logits_mode=args.logits_mode,
-                    autocast_dtype=autocast_dtype(args))
+                    autocast_dtype=autocast_dtype(args), cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
         if LOSSES[args.loss_type].pairwise:
             ds = group_by_prompt(ds)
             if args.loss_type == "dpo":
@@ -306,9 +312,13 @@ class ShiQTrainer(Trainer):
         a = self.args
         # the data were validated once per dataset (prepare_dataset): no value checks, hence no host syncs, here
         with trusted_inputs():
-            logp, logz, hidden = token_stats(model, ids, am, mask, chunk_size=a.logits_chunk_size,
-                                             logits_mode=self._logits_mode, return_hidden=True,
-                                             positions=inputs.get("action_positions"))
+            # accelerate puts only the model's forward under autocast; the output layer (our kernel, outside it)
+            # gets the same mixed precision here, as in the reference precompute (prepare_dataset)
+            with self.accelerator.autocast():
+                logp, logz, hidden = token_stats(model, ids, am, mask, chunk_size=a.logits_chunk_size,
+                                                 logits_mode=self._logits_mode, return_hidden=True,
+                                                 positions=inputs.get("action_positions"),
+                                                 cast_lm_head_to_fp32=a.cast_lm_head_to_fp32)
             lp, lz, m = logp[:, 1:], logz[:, 1:], mask[:, 1:]
             rlp, rlz, r = inputs["ref_logp"][:, 1:], inputs["ref_logz"][:, 1:], inputs["token_rewards"][:, 1:]
             count = self._loss_items(inputs)

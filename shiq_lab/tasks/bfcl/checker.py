@@ -23,7 +23,7 @@ from shiq_lab.tasks.bfcl.backends import Backends
 from shiq_lab.tasks.bfcl.calls import MAX_CALLS_PER_TURN, InvalidCall, ParsedCall
 from shiq_lab.tasks.bfcl.episodes import Episode
 
-__all__ = ["EpisodeResult", "TurnResult", "check_episode", "episode_score", "turn_rewards"]
+__all__ = ["EpisodeResult", "EpisodeRun", "TurnResult", "check_episode", "episode_score", "turn_rewards"]
 
 
 @dataclass
@@ -71,18 +71,36 @@ def _sides(episode: Episode) -> tuple[Backends, Backends]:
     return make(), make()
 
 
-def check_episode(episode: Episode, calls: Sequence[Sequence[str]]) -> EpisodeResult:
-    """Execute ``calls[k]`` (the model's call strings of turn k) turn by turn and check every turn.
+class EpisodeRun:
+    """One episode being played: its own model-side and ground-truth back-ends, checked one turn at a time.
 
-    Builds fresh back-ends on every call and leaves nothing behind; never raises on a bad call string.
+    :meth:`step` executes the model's calls of the next turn on this run's private back-ends (nothing is shared
+    with another run, even of the same episode) and returns that turn's :class:`TurnResult`; the results it
+    reports are what the model reads in the turn's tool message. :func:`check_episode` is this loop over all
+    turns, so a rollout that steps a run turn by turn gets exactly the rewards of checking its calls at the end.
     """
-    if len(calls) != episode.n_turns:
-        raise ValueError(f"{episode.id} has {episode.n_turns} turns but {len(calls)} lists of calls were given: "
-                         "give one list per turn (an empty list for a turn without calls)")
-    model, truth = _sides(episode)
-    model_results_so_far: list[str] = []
-    turns: list[TurnResult] = []
-    for k, (turn_calls, gt_calls) in enumerate(zip(calls, episode.ground_truth)):
+
+    def __init__(self, episode: Episode) -> None:
+        self.episode = episode
+        self.model, self.truth = _sides(episode)
+        self.turns: list[TurnResult] = []
+        self._model_results: list[str] = []
+
+    @property
+    def done(self) -> bool:
+        return len(self.turns) == self.episode.n_turns
+
+    @property
+    def result(self) -> EpisodeResult:
+        """The turns checked so far (all of them once :attr:`done`)."""
+        return EpisodeResult(list(self.turns))
+
+    def step(self, turn_calls: Sequence[str]) -> TurnResult:
+        """Execute and check the model's call strings of the next turn; never raises on a bad call string."""
+        episode, k = self.episode, len(self.turns)
+        if self.done:
+            raise ValueError(f"{episode.id}: all {episode.n_turns} turns are already played")
+        model, truth, gt_calls = self.model, self.truth, episode.ground_truth[k]
         if isinstance(turn_calls, str):  # a bare string would otherwise be read as a list of characters
             turn_calls = [turn_calls]
         parsed = [model.parse(c) for c in turn_calls[:MAX_CALLS_PER_TURN]]
@@ -91,7 +109,7 @@ def check_episode(episode: Episode, calls: Sequence[Sequence[str]]) -> EpisodeRe
             invalid.append(InvalidCall(f"<{len(turn_calls) - MAX_CALLS_PER_TURN} more calls>",
                                        f"more than {MAX_CALLS_PER_TURN} calls in one turn"))
         results = [model.execute(p) for p in parsed if isinstance(p, ParsedCall)]
-        model_results_so_far += results
+        self._model_results += results
         gt_results = []
         for text in gt_calls:
             p = truth.parse(text)
@@ -107,7 +125,7 @@ def check_episode(episode: Episode, calls: Sequence[Sequence[str]]) -> EpisodeRe
             turn.reason = "no call in a turn that needs calls"
         else:
             turn.state_ok = model.state() == truth.state()
-            turn.response_ok = _unordered_subset(gt_results, model_results_so_far)
+            turn.response_ok = _unordered_subset(gt_results, self._model_results)
             if invalid:
                 turn.reason = f"invalid call: {invalid[0].reason}"
             elif not turn.state_ok:
@@ -115,8 +133,23 @@ def check_episode(episode: Episode, calls: Sequence[Sequence[str]]) -> EpisodeRe
             elif not turn.response_ok:
                 turn.reason = "a ground-truth result is missing from the model's results"
         turn.reward = 1.0 if turn.reason == "ok" else 0.0
-        turns.append(turn)
-    return EpisodeResult(turns)
+        self.turns.append(turn)
+        return turn
+
+
+def check_episode(episode: Episode, calls: Sequence[Sequence[str]]) -> EpisodeResult:
+    """Execute ``calls[k]`` (the model's call strings of turn k) turn by turn and check every turn.
+
+    Builds fresh back-ends on every call (an :class:`EpisodeRun`) and leaves nothing behind; never raises on a
+    bad call string.
+    """
+    if len(calls) != episode.n_turns:
+        raise ValueError(f"{episode.id} has {episode.n_turns} turns but {len(calls)} lists of calls were given: "
+                         "give one list per turn (an empty list for a turn without calls)")
+    run = EpisodeRun(episode)
+    for turn_calls in calls:
+        run.step(turn_calls)
+    return run.result
 
 
 def turn_rewards(episode: Episode, calls: Sequence[Sequence[str]]) -> list[float]:

@@ -9,7 +9,8 @@
 3. **Training**: :func:`shiq_lab.train.sweep.train_run` (the tasks' shared sweep runner) for each
    variant, from the reference, with the same :class:`ShiQConfig` (``beta``, ``max_steps``...).
 4. **Evaluation** on the held-out entries: the policy writes each assistant turn, its calls are executed and
-   the results fed back (:func:`.rollout.rollout`); per-turn accuracy, the official score and
+   the results fed back (:func:`.rollout.rollouts`,
+   ``rollout_batch_size`` trajectories per generation); per-turn accuracy, the official score and
    ``sum_t KL(pi||pi_ref)`` on the same samples, for the reference and each variant.
 
 ::
@@ -40,7 +41,7 @@ from shiq_lab.tasks.bfcl.checker import check_episode
 from shiq_lab.tasks.bfcl.dataset import offline_rows
 from shiq_lab.tasks.bfcl.episodes import Episode, load_episodes
 from shiq_lab.tasks.bfcl.prompts import PromptConfig, conversation
-from shiq_lab.tasks.bfcl.rollout import Trajectory, rollout, trajectory_kl
+from shiq_lab.tasks.bfcl.rollout import Trajectory, rollouts, trajectory_kl
 from shiq_lab.train.config import ShiQConfig
 
 __all__ = ["TRAINING_DEFAULTS", "VARIANTS", "BfclEval", "BfclSweepConfig", "evaluate_bfcl", "main", "run_sweep", "select_subset"]
@@ -74,6 +75,8 @@ class BfclSweepConfig:
     samples_per_entry: int = 1
     sample_temperature: float = 1.0
     max_new_tokens: int = 40
+    # trajectories generated together at every assistant step (:func:`.rollout.rollouts`); only speed depends on it
+    rollout_batch_size: int = 4
     samples_per_prompt: int = 5  # rows per entry: pairwise losses take whole entries (batch // this per step)
     # evaluation
     eval_samples_per_entry: int = 1
@@ -89,6 +92,8 @@ class BfclSweepConfig:
 
     def __post_init__(self) -> None:
         self.variants = list(self.variants)
+        if self.rollout_batch_size < 1:
+            raise ValueError(f"rollout_batch_size={self.rollout_batch_size}: must be >= 1 (1 plays one trajectory at a time)")
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"variants={bad}: choose among {', '.join(VARIANTS)}")
@@ -152,17 +157,19 @@ def select_subset(config: BfclSweepConfig, tokenizer: Any) -> tuple[list[Episode
 def evaluate_bfcl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer: Any, episodes: Sequence[Episode],
                   config: BfclSweepConfig) -> BfclEval:
     """Play every held-out entry ``eval_samples_per_entry`` times; accuracy, score and KL on the same samples."""
+    jobs = [(e, config.eval_seed + 1000 * i + s) for i, e in enumerate(episodes)
+            for s in range(config.eval_samples_per_entry)]
+    played = rollouts(policy, tokenizer, [e for e, _ in jobs], [seed for _, seed in jobs], config=config.prompt,
+                      max_new_tokens=config.max_new_tokens, temperature=config.eval_temperature,
+                      batch_size=config.rollout_batch_size)
     turns, scores, kls, lengths, examples = [], [], [], [], []
-    for i, e in enumerate(episodes):
-        for s in range(config.eval_samples_per_entry):
-            t = rollout(policy, tokenizer, e, config=config.prompt, max_new_tokens=config.max_new_tokens,
-                        temperature=config.eval_temperature, seed=config.eval_seed + 1000 * i + s)
-            turns += t.rewards
-            scores.append(t.score)
-            kls.append(trajectory_kl(policy, reference, t.input_ids, t.action_mask))
-            lengths.append(len(t.input_ids))
-            if s == 0:
-                examples.append({"episode_id": e.id, "texts": t.texts, "rewards": t.rewards})
+    for j, t in enumerate(played):
+        turns += t.rewards
+        scores.append(t.score)
+        kls.append(trajectory_kl(policy, reference, t.input_ids, t.action_mask))
+        lengths.append(len(t.input_ids))
+        if j % config.eval_samples_per_entry == 0:  # the first sample of each entry
+            examples.append({"episode_id": t.episode_id, "texts": t.texts, "rewards": t.rewards})
     k = np.array(kls)
     return BfclEval(turn_accuracy=float(np.mean(turns)), score=float(np.mean(scores)), kl_states_mean=float(k.mean()),
                     kl_states_sem=float(k.std(ddof=1) / math.sqrt(len(k))) if len(k) > 1 else 0.0,
@@ -172,12 +179,10 @@ def evaluate_bfcl(policy: torch.nn.Module, reference: torch.nn.Module, tokenizer
 
 def _sample_data(reference: torch.nn.Module, tokenizer: Any, episodes: Sequence[Episode],
                  config: BfclSweepConfig, seed: int) -> list[Trajectory]:
-    out = []
-    for i, e in enumerate(episodes):
-        for s in range(config.samples_per_entry):
-            out.append(rollout(reference, tokenizer, e, config=config.prompt, max_new_tokens=config.max_new_tokens,
-                               temperature=config.sample_temperature, seed=seed + 1000 * i + s))
-    return out
+    jobs = [(e, seed + 1000 * i + s) for i, e in enumerate(episodes) for s in range(config.samples_per_entry)]
+    return rollouts(reference, tokenizer, [e for e, _ in jobs], [s for _, s in jobs], config=config.prompt,
+                    max_new_tokens=config.max_new_tokens, temperature=config.sample_temperature,
+                    batch_size=config.rollout_batch_size)
 
 
 def run_sweep(config: BfclSweepConfig | None = None, training: ShiQConfig | None = None, *,
