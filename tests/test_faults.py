@@ -598,3 +598,22 @@ def test_precompute_ref_into_a_read_only_cache_says_nothing_was_cached(tmp_path,
     out = capsys.readouterr().out
     assert "computed but NOT cached" in out and str(cache) in out
     assert not any(cache.iterdir())
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_a_record_from_before_cast_lm_head_to_fp32_resumes_only_at_its_precision(bf16):
+    """Records written before the field existed ran the output layer in fp32 under bf16/fp16: resuming one with
+    the new default (the output layer in bf16) would change the precision mid-run without a word."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(loss_type="shiq", beta=0.1, bf16=bf16, fp16=False, cast_lm_head_to_fp32=False)
+    current = runs.run_record(cfg)
+    legacy = runs.run_record(cfg)
+    del legacy["fields"]["cast_lm_head_to_fp32"]  # what an older shiq_lab wrote
+    diff = runs.record_diff(legacy, current)
+    if bf16:
+        assert diff == ["cast_lm_head_to_fp32: True there, False now"]
+        assert runs.record_diff(legacy, runs.run_record(SimpleNamespace(**{**vars(cfg),
+                                                                           "cast_lm_head_to_fp32": True}))) == []
+    else:  # in full precision the flag changes nothing: no refusal
+        assert diff == []

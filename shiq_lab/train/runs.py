@@ -68,6 +68,18 @@ _CONFIG_FIELDS = (
 _EXTENDABLE = ("max_steps", "num_train_epochs")
 
 
+def _implied_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """What a record written before a field existed implies for it (read as the behaviour of that version).
+
+    ``cast_lm_head_to_fp32``: before it, the output layer ran in fp32 under bf16 / fp16 (the new default is the
+    autocast dtype), so a resume of such a run with the default would change its precision silently.
+    """
+    implied = {}
+    if "cast_lm_head_to_fp32" not in fields and (fields.get("bf16") or fields.get("fp16")):
+        implied["cast_lm_head_to_fp32"] = True
+    return implied
+
+
 # ---------------------------------------------------------------------------------------------
 # run records
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +136,7 @@ def read_record(folder: str | os.PathLike) -> dict[str, Any] | None:
 def record_diff(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """``"field: A there, B now"`` for every field both records have and that differs."""
     a, b = stored.get("fields", {}), current.get("fields", {})
+    a = {**_implied_fields(a), **a}
     out = []
     for k in sorted(set(a) & set(b)):
         if a[k] != b[k]:
