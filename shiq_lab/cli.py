@@ -176,7 +176,7 @@ def _precompute(argv: list[str]) -> int:
             precompute_reference(model, tok, cache_dir=cfg.ref_cache_dir, reference_id=cfg.reference_id, **kwargs)
             cache = ReferenceCache(cfg.ref_cache_dir)
             ident = reference_identity(model, cfg.reference_id, autocast_dtype(cfg),
-                                       cast_lm_head_to_fp32=cfg.cast_lm_head_to_fp32)
+                                       cast_lm_head_to_fp32=cfg.cast_lm_head_to_fp32, logits_mode=cfg.logits_mode)
             where = cache.path(cache.key(dataset_fingerprint(tok), ident))
             if not where.exists():  # a read-only cache: computed in memory only (the cache warned why)
                 print(f"reference statistics ({split}, {len(tok)} rows, reference {ref_name}): computed but NOT "

@@ -264,3 +264,20 @@ def test_cast_lm_head_to_fp32_keeps_the_output_layer_in_fp32_under_autocast(tiny
     assert torch.equal(logp[:, 1:][m], want[0]) and torch.equal(logz[:, 1:][m], want[1])
     ident = reference_identity(model, autocast_dtype=torch.bfloat16, cast_lm_head_to_fp32=True)
     assert "output_layer" not in ident and ident["autocast"] == "bfloat16"
+
+
+def test_full_mode_statistics_are_not_reused_as_fp32_output_layer_ones(tiny, data, tmp_path):
+    """In ``logits_mode="full"`` the model's own lm_head runs in the autocast dtype whatever ``cast_lm_head_to_fp32``
+    says, so under bf16 its entries are bf16-output-layer statistics: a chunked run that asks for the fp32 output
+    layer must not get them from the cache (it would start with theta = ref but KL != 0)."""
+    model, _ = tiny
+    kw = dict(batch_size=4, autocast_dtype=torch.bfloat16, cast_lm_head_to_fp32=True)
+    full = precompute_reference(model, data, cache_dir=tmp_path, logits_mode="full", **kw)
+    chunked = precompute_reference(model, data, cache_dir=tmp_path, logits_mode="chunked", **kw)
+    fresh = precompute_reference(model, data, use_cache=False, logits_mode="chunked", **kw)
+    assert chunked["ref_logz"] == fresh["ref_logz"] and full["ref_logz"] != fresh["ref_logz"]
+    # the identity says what ran: the full mode's output layer followed autocast
+    assert reference_identity(model, None, torch.bfloat16, cast_lm_head_to_fp32=True,
+                              logits_mode="full")["output_layer"] == "autocast"
+    assert "output_layer" not in reference_identity(model, None, torch.bfloat16, cast_lm_head_to_fp32=True,
+                                                    logits_mode="chunked")

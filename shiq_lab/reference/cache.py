@@ -58,7 +58,7 @@ from safetensors.numpy import load_file, save_file
 
 from shiq_lab.errors import ShiQLabError
 from shiq_lab.lm.modes import as_reference, device_of
-from shiq_lab.lm.stats import action_positions, causal_lm_parts, token_stats
+from shiq_lab.lm.stats import action_positions, causal_lm_parts, resolve_logits_mode, token_stats
 from shiq_lab.lm.value_head import VALUE_HEAD_NAME
 
 logger = logging.getLogger(__name__)
@@ -122,14 +122,15 @@ def _base_named_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Ten
 
 def reference_identity(model: torch.nn.Module, reference_id: str | None = None,
                        autocast_dtype: torch.dtype | None = None, *,
-                       cast_lm_head_to_fp32: bool = False) -> dict[str, str]:
+                       cast_lm_head_to_fp32: bool = False, logits_mode: str = "auto") -> dict[str, str]:
     """What identifies the reference: class, architecture config and a weights hash (or ``reference_id``).
 
     The weights hash covers every base parameter (bytes, dtype, shape, name as in the plain model),
     so a PEFT model with adapters disabled and its base model share an identity. Passing
     ``reference_id`` (e.g. ``"HuggingFaceTB/SmolLM2-135M-Instruct@<revision>"``) skips the hash.
     Statistics computed under mixed precision (``autocast_dtype``) are another identity, and so is the
-    precision of their output layer under it (``cast_lm_head_to_fp32``).
+    precision of their output layer under it (``cast_lm_head_to_fp32``; ignored in ``logits_mode="full"``, where
+    the model's own lm_head follows autocast, so its entries are never taken for fp32-output-layer ones).
     """
     core, _, _ = causal_lm_parts(model)
     cfg = {k: v for k, v in core.config.to_dict().items() if k not in _RUNTIME_CONFIG_KEYS}
@@ -137,8 +138,9 @@ def reference_identity(model: torch.nn.Module, reference_id: str | None = None,
              "config": hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]}
     if autocast_dtype is not None:
         ident["autocast"] = str(autocast_dtype).replace("torch.", "")
-        if not cast_lm_head_to_fp32:
-            # since 0.2 the output layer follows autocast; 0.1 ran it in fp32 (its entries are the fp32 ones)
+        if not cast_lm_head_to_fp32 or resolve_logits_mode(model, logits_mode) == "full":
+            # the chunked output layer now follows autocast; before cast_lm_head_to_fp32 existed it ran in fp32
+            # (entries without this key are the fp32 ones)
             ident["output_layer"] = "autocast"
     if reference_id is not None:
         ident["reference_id"] = str(reference_id)
@@ -466,7 +468,8 @@ def precompute_reference(
     runs no forward pass; a miss computes and stores the entry.
     """
     fingerprint = dataset_fingerprint(ds)
-    identity = reference_identity(model, reference_id, autocast_dtype, cast_lm_head_to_fp32=cast_lm_head_to_fp32)
+    identity = reference_identity(model, reference_id, autocast_dtype, cast_lm_head_to_fp32=cast_lm_head_to_fp32,
+                                  logits_mode=logits_mode)
     if stats_path is not None:
         logp, logz, lengths = ReferenceCache.read(stats_path, fingerprint=fingerprint, identity=identity)
         return attach_reference_stats(ds, logp, logz, lengths)
@@ -495,5 +498,6 @@ def write_reference_stats(folder: str | os.PathLike, model: torch.nn.Module, ds:
     logp, logz = compute_reference_stats(model, ds, **kwargs)
     return ReferenceCache.write(folder, logp, logz, fingerprint=dataset_fingerprint(ds),
                                 identity=reference_identity(model, reference_id, kwargs.get("autocast_dtype"),
-                                                            cast_lm_head_to_fp32=kwargs.get("cast_lm_head_to_fp32", False)))
+                                                            cast_lm_head_to_fp32=kwargs.get("cast_lm_head_to_fp32", False),
+                                                            logits_mode=kwargs.get("logits_mode", "auto")))
 
