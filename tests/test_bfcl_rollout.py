@@ -177,3 +177,24 @@ def test_sweep_evaluation_does_not_depend_on_the_rollout_batch_size(tiny64, shor
     assert [x["episode_id"] for x in evals[0].examples] == [e.id for e in short]  # the first sample of each entry
     with pytest.raises(ValueError, match="rollout_batch_size=0"):
         BfclSweepConfig(rollout_batch_size=0)
+
+
+def test_a_row_that_stops_early_draws_nothing_more_from_its_stream(short) -> None:
+    """A trajectory's draws must not depend on how long its batch neighbours keep generating: one whose answer
+    ends (EOS) while the others go on takes no further draws from its generator, so its next turn samples what
+    it would alone."""
+    two, four = (next(e for e in short if e.n_turns == n) for n in (2, 4))
+    tok = models.load_tokenizer("tiny")
+    answers = _ground_truth_answers(short)
+
+    def script(context, turn):  # `two` answers "[]" at once, then samples one of two calls; `four` writes at length
+        if user_message(two, 0) in context:
+            return [(1.0, "[]")] if turn == 0 else [(0.5, "[ls()]"), (0.5, "[pwd()]")]
+        return answers(context, turn)
+
+    model = ScriptedLM(tok, script)
+    seeds = range(12)
+    solo = [rollout(model, tok, two, max_new_tokens=400, seed=s) for s in seeds]
+    assert len({t.texts[1] for t in solo}) == 2  # both calls are drawn: the check below can see a shifted stream
+    batched = [rollouts(model, tok, [two, four], [s, 0], max_new_tokens=400, batch_size=2)[0] for s in seeds]
+    assert batched == solo

@@ -119,8 +119,11 @@ def sample_batch(model: torch.nn.Module, prompt_ids: Sequence[Sequence[int]], *,
             token = logits.float().argmax(-1)
         elif per_row:
             probs = torch.softmax(logits.float() / temperature, dim=-1).cpu()
-            token = torch.stack([torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generator)])  # type: ignore[arg-type]
-            token = token.squeeze(1).to(device)
+            # a stopped row draws nothing: its stream must not advance with its neighbours' lengths (its next
+            # call, e.g. a rollout's next turn, then samples what it would alone)
+            stopped = done.cpu().tolist()
+            token = torch.tensor([pad_id if stopped[b] else int(torch.multinomial(probs[b], 1, generator=g))
+                                  for b, g in enumerate(generator)], device=device)  # type: ignore[arg-type]
         else:
             probs = torch.softmax(logits.float() / temperature, dim=-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
