@@ -312,3 +312,17 @@ def test_training_rows_are_validated_once_with_the_row_named(tmp_path):
     bad_reward = dict(good, token_rewards=[0.0, 0.0, float("nan"), 1.0])
     with pytest.raises(ValueError, match=r"row 0, position 2: token_rewards are not finite"):
         ShiQTrainer(model=m, args=config(tmp_path), train_dataset=Dataset.from_list([bad_reward]), processing_class=tok)
+
+
+def test_cast_lm_head_to_fp32_without_effect_in_the_full_mode_is_said(tmp_path, caplog):
+    """In logits_mode='full' (explicit, or auto under FSDP / ZeRO-3) the model's own lm_head runs as autocast says:
+    asking for an fp32 output layer there must not pass in silence."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="shiq_lab.train.trainer"):
+        trainer_for(tmp_path, bf16=True, cast_lm_head_to_fp32=True, logits_mode="full")
+    assert any("cast_lm_head_to_fp32" in r.getMessage() and "full" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="shiq_lab.train.trainer"):
+        trainer_for(tmp_path, bf16=True, cast_lm_head_to_fp32=True, logits_mode="chunked")
+    assert not any("cast_lm_head_to_fp32" in r.getMessage() for r in caplog.records)

@@ -200,6 +200,10 @@ class ShiQTrainer(Trainer):
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
         self._logits_mode = self._pick_logits_mode()
+        if args.cast_lm_head_to_fp32 and autocast_dtype(args) is not None and self._logits_mode == "full":
+            logger.warning("cast_lm_head_to_fp32=True has no effect with logits_mode='full' (the model's own lm_head, "
+                           "used under FSDP / ZeRO-3 or when asked for, runs in the autocast dtype): the Q-values are "
+                           "computed in %s", str(autocast_dtype(args)).replace("torch.", ""))
         from shiq_lab.train.progress import install as _compact_logging
 
         _compact_logging(self)  # one short line per logging step; TensorBoard events in output_dir
