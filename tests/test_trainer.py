@@ -326,3 +326,48 @@ def test_cast_lm_head_to_fp32_without_effect_in_the_full_mode_is_said(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="shiq_lab.train.trainer"):
         trainer_for(tmp_path, bf16=True, cast_lm_head_to_fp32=True, logits_mode="chunked")
     assert not any("cast_lm_head_to_fp32" in r.getMessage() for r in caplog.records)
+
+
+_LAUNCH_ENV = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE")
+
+
+@pytest.mark.parametrize("env, want", [({}, "chunked"), ({"ACCELERATE_USE_FSDP": "true"}, "full")])
+def test_reference_precompute_uses_the_steps_logits_mode_where_the_output_layer_is_sharded(tmp_path, monkeypatch,
+                                                                                          env, want):
+    """logits_mode='auto' under FSDP (as accelerate launch announces it in the environment): the step uses the
+    model's own logits, so the reference precompute must too (else theta = ref is not calibrated)."""
+    import shiq_lab.reference.cache as cache
+    from shiq_lab.lm.stats import resolve_logits_mode
+
+    for k in _LAUNCH_ENV:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    seen, stats = [], cache.token_stats
+    monkeypatch.setattr(cache, "token_stats", lambda *a, **k: seen.append(k["logits_mode"]) or stats(*a, **k))
+    tr = trainer_for(tmp_path, max_steps=1, use_ref_cache=False)
+    assert seen and {resolve_logits_mode(tr.model, m) for m in seen} == {want}
+    assert tr._logits_mode == want  # one process: accelerate itself wraps nothing, the environment decides
+
+
+def test_output_layer_sharded_reads_fsdp_and_zero3_from_the_arguments_and_the_launch_environment(monkeypatch):
+    from types import SimpleNamespace
+
+    from shiq_lab.train.trainer import output_layer_sharded
+
+    for k in _LAUNCH_ENV:
+        monkeypatch.delenv(k, raising=False)
+
+    def args(**kw):
+        return SimpleNamespace(**{"fsdp": [], "deepspeed": None, "hf_deepspeed_config": None, **kw})
+
+    zero = lambda stage: SimpleNamespace(config={"zero_optimization": {"stage": stage}})  # noqa: E731
+    assert not output_layer_sharded(args())
+    assert output_layer_sharded(args(fsdp=["full_shard"]))
+    assert output_layer_sharded(args(deepspeed="ds.json", hf_deepspeed_config=zero(3)))
+    assert not output_layer_sharded(args(deepspeed="ds.json", hf_deepspeed_config=zero(2)))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert output_layer_sharded(args())
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    assert not output_layer_sharded(args())

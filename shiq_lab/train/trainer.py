@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from typing import Any
 
@@ -248,7 +249,7 @@ class ShiQTrainer(Trainer):
                 ds = precompute_reference(
                     reference, ds, batch_size=args.ref_batch_size, cache_dir=args.ref_cache_dir,
                     use_cache=args.use_ref_cache, stats_path=stats_path, reference_id=args.reference_id,
-                    chunk_size=args.logits_chunk_size, logits_mode=args.logits_mode,
+                    chunk_size=args.logits_chunk_size, logits_mode=_reference_logits_mode(args),
                     autocast_dtype=autocast_dtype(args), cast_lm_head_to_fp32=args.cast_lm_head_to_fp32)
         if LOSSES[args.loss_type].pairwise:
             ds = group_by_prompt(ds)
@@ -271,7 +272,7 @@ class ShiQTrainer(Trainer):
         if mode == "auto":
             zero3 = self.is_deepspeed_enabled and getattr(
                 getattr(self.accelerator.state, "deepspeed_plugin", None), "zero_stage", 0) == 3
-            if self.is_fsdp_enabled or zero3:
+            if self.is_fsdp_enabled or zero3 or output_layer_sharded(self.args):
                 logger.info("FSDP / ZeRO-3 shard the output layer: using the model's own logits (logits_mode='full')")
                 return "full"
         return resolve_logits_mode(self.model, mode)
@@ -524,6 +525,26 @@ class ShiQTrainer(Trainer):
         # every process takes part (FSDP gathers the head's shards); the main one writes
         save_value_head(self.model, output_dir if output_dir is not None else self.args.output_dir,
                         write=self.args.should_save)
+
+
+def output_layer_sharded(args: TrainingArguments) -> bool:
+    """Whether FSDP or DeepSpeed ZeRO-3 will shard the output layer, as the arguments or ``accelerate launch``'s
+    environment say (known before the model is wrapped, so the reference precompute can follow the step)."""
+    def on(name: str) -> bool:
+        return os.environ.get(name, "").lower() in ("1", "true")
+
+    if args.fsdp or on("ACCELERATE_USE_FSDP"):
+        return True
+    hf_ds = getattr(args, "hf_deepspeed_config", None)
+    stage = hf_ds.config.get("zero_optimization", {}).get("stage") if hf_ds is not None else None
+    stage = stage if stage is not None else os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    return (bool(args.deepspeed) or on("ACCELERATE_USE_DEEPSPEED")) and str(stage) == "3"
+
+
+def _reference_logits_mode(args: ShiQConfig) -> str:
+    """The reference precompute's logits mode: the step's (``"full"`` where the output layer will be sharded), so
+    that at theta = ref the policy's statistics are the reference's, bit for bit."""
+    return "full" if args.logits_mode == "auto" and output_layer_sharded(args) else args.logits_mode
 
 
 def autocast_dtype(args: TrainingArguments) -> torch.dtype | None:
