@@ -136,6 +136,14 @@ def cpu_loss_kernel(root: Path) -> str:
               + " / ".join(_mib(r["memory"]["shiq_fused"]["peak_bytes"]) for r in seq) + "; naive peak "
               + " / ".join(_mib(r["memory"]["shiq_naive"]["peak_bytes"]) for r in seq) + "; fused largest temporary "
               + " / ".join(_mib(r["memory"]["shiq_fused"]["largest_temp_bytes"]) for r in seq) + "."]
+    compiled = [r for r in lk["main"] if "time_compiled_over_fused" in r["ratios"]]
+    if compiled:  # a run with --compiled: the same kernel through torch.compile, against the plain path
+        lines += ["", f"Compiled kernel (`logits_mode: chunked-compiled`, {lk['settings'].get('dtype', 'float32')}): "
+                  "compiled / plain fused time " + "; ".join(
+                      f"{r['batch']} × {r['seq_len']} {'frozen' if r['frozen_head'] else 'trained'} "
+                      f"{_iqr(r['ratios']['time_compiled_over_fused'][clock])}" for r in compiled)
+                  + "; compiled / naive extra peak memory " + " / ".join(
+                      f"{r['ratios']['peak_memory_compiled_over_naive']:.3f}" for r in compiled) + "."]
     return "\n".join(lines)
 
 
