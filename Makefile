@@ -84,8 +84,8 @@ bench-synthetic: setup
 # (cp312 wheels, notebook 04's SmolLM2 GGUF and IMDB reviews) into parts .gpu-carry/1 .. N, one per device call
 # (each under the 64 MiB carry cap with the tree), and prints the calls; with N = 3, back to back (a warm machine
 # keeps .gpu-site/ and .assets/ between calls for ~30 s):
-#   run(command="bash benchmarks/gpu_check.sh --unpack-only", carry=[".gpu-carry/1"], timeout_s=120)
-#   run(command="bash benchmarks/gpu_check.sh --unpack-only", carry=[".gpu-carry/2"], timeout_s=120)
+#   run(command="bash benchmarks/gpu_check.sh --unpack-only", carry=[".gpu-carry/1"], timeout_s=320)
+#   run(command="bash benchmarks/gpu_check.sh --unpack-only", carry=[".gpu-carry/2"], timeout_s=320)
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".gpu-carry/3"], timeout_s=560)   # receipt + log in $OUT
 # If the machine went cold in between, the last call still measures everything but notebook 04, and says so.
 GPU_CHECK_ARGS ?=

@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{s:.1f}" for s in sizes) + " MiB); device calls, back to back (a machine stays warm ~30 s):")
         for i in range(1, n + 1):
             cmd = "bash benchmarks/gpu_check.sh" if i == n else "bash benchmarks/gpu_check.sh --unpack-only"
-            print(f"  run(command={cmd!r}, carry=[\"{CARRY_DIR}/{i}\"]" + (", timeout_s=560)" if i == n else ", timeout_s=120)"))
+            print(f"  run(command={cmd!r}, carry=[\"{CARRY_DIR}/{i}\"]" + (", timeout_s=560)" if i == n else ", timeout_s=320)"))
         return 0
     state = unpack(carry=args.carry, site=args.site)
     last = state["calls"][-1]
