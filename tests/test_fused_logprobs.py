@@ -70,15 +70,18 @@ def test_fp32_close_to_reference_without_bias():
         torch.testing.assert_close(x, r, rtol=1e-5, atol=1e-5 * float(r.abs().max()), msg=name)
 
 
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["plain", "compiled"])
 @pytest.mark.parametrize("weight_grad", [True, False], ids=["trained-head", "frozen-head"])
-def test_bf16_as_accurate_as_the_bf16_reference(weight_grad):
-    # Truth from fp64; the fused bf16 kernel must be about as close to it as the plain bf16 path.
+def test_bf16_as_accurate_as_the_bf16_reference(weight_grad, compiled):
+    # Truth from fp64; the fused bf16 kernel (plain, or through torch.compile: logits_mode chunked-compiled) must
+    # be about as close to it as the plain bf16 path.
     h64, w64, b64, a = _inputs(B=2, T=20, H=32, V=500, bias=True, weight_grad=weight_grad, seed=3)
     gp, gz = torch.randn(2, 20, dtype=torch.float64), torch.randn(2, 20, dtype=torch.float64)
     truth = _grads(lambda: _reference(h64, w64, b64, a), h64, w64, b64, gp, gz)
     h, w, b = (t.detach().to(torch.bfloat16).requires_grad_(t.requires_grad) for t in (h64, w64, b64))
     ref = _grads(lambda: _reference(h, w, b, a), h, w, b, gp, gz)
-    got = _grads(lambda: chunked_token_logprobs(h, w, a, bias=b, chunk_size=16, vocab_chunk_size=128), h, w, b, gp, gz)
+    got = _grads(lambda: chunked_token_logprobs(h, w, a, bias=b, chunk_size=16, vocab_chunk_size=128, compiled=compiled),
+                 h, w, b, gp, gz)
     assert got[0].dtype == torch.float32 and got[2].dtype == torch.bfloat16
     for name, t, r, x in zip(("logp", "logz", "grad_hidden", "grad_weight", "grad_bias"), truth, ref, got):
         if t is None or r is None:

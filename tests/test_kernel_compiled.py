@@ -11,7 +11,6 @@ from torch._dynamo.utils import counters
 
 from shiq_lab.lm import kernel
 from shiq_lab.lm.kernel import chunked_token_logprobs
-from shiq_lab.losses import token_logprobs
 
 TILE = {"chunk_size": 8, "vocab_chunk_size": 64}  # neither divides N = 3 x 10 nor V = 300: ragged tiles
 
@@ -118,27 +117,7 @@ def test_fp32_frozen_head_and_no_bias_equal_plain_path():
         _assert_fp32_equal(plain, comp)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("weight_grad", [True, False], ids=["trained-head", "frozen-head"])
-def test_bf16_as_accurate_as_the_bf16_reference(weight_grad):
-    # as tests/test_fused_logprobs.py::test_bf16_as_accurate_as_the_bf16_reference, for the compiled kernel
-    h64, w64, b64, a, _, gp, gz = _batch(3, B=2, T=20, H=32, V=500, dtype=torch.float64, weight_grad=weight_grad)
-    a = a.clamp_min(0)  # every position is computed here: no padding
-    h64 = torch.nan_to_num(h64.detach()).requires_grad_(True)
-    truth = _run(lambda: token_logprobs(h64 @ w64.T + b64, a), h64, w64, b64, gp, gz)
-    h, w, b = (t.detach().to(torch.bfloat16).requires_grad_(t.requires_grad) for t in (h64, w64, b64))
-    ref = _run(lambda: token_logprobs(h @ w.T + b, a), h, w, b, gp, gz)
-    got = _run(lambda: chunked_token_logprobs(h, w, a, bias=b, chunk_size=16, vocab_chunk_size=128, compiled=True),
-               h, w, b, gp, gz)
-    assert got[0].dtype == torch.float32 and got[2].dtype == torch.bfloat16
-    for name, t, r, x in zip(("logp", "logz", "grad_hidden", "grad_weight", "grad_bias"), truth, ref, got):
-        if t is None or r is None:
-            continue
-        scale = float(t.abs().max())
-        err_ref = float((r.double() - t).abs().max()) / scale
-        err_got = float((x.double() - t).abs().max()) / scale
-        assert err_got < 0.03, (name, err_got)
-        assert err_got <= 2 * err_ref + 1e-3, (name, err_got, err_ref)
+# bf16 accuracy of the compiled kernel: tests/test_fused_logprobs.py::test_bf16_as_accurate_as_the_bf16_reference[compiled]
 
 
 def test_token_stats_chunked_compiled_mode_equals_chunked(compiled_calls):
